@@ -1,0 +1,61 @@
+"""Every config key of ftjax with its default. Experiment configs import this and override a few.
+
+  ftjax train --config configs/base.py --config.data.train_path=train.jsonl --workdir /tmp/run
+"""
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from ftjax.models import llama
+
+_TYPES = {'int': int, 'float': float, 'bool': bool}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      preset='tiny',  # a name in ftjax.models.PRESETS
+      dtype='float32',  # compute dtype: float32 | bfloat16
+      param_dtype='float32',  # storage dtype of the weights
+      remat='none',  # none | dots | full: what a scanned layer saves for the backward pass
+      attention='xla',  # xla | cudnn (GPU)
+  )
+  # Every architecture field of the preset may be overridden; None keeps the preset's value.
+  for field in dataclasses.fields(llama.Config):
+    c.model[field.name] = config_dict.placeholder(_TYPES[field.type])
+  c.data = dict(
+      train_path='',  # JSONL of {"text"} or {"prompt", "completion"} records
+      eval_path='',  # held-out JSONL, same format; '' = no evaluation
+      tokenizer='byte',  # 'byte' (built in) | a tokenizer.json | a folder holding one
+      seq_len=512,
+      global_batch=8,  # rows per optimizer step, over all hosts
+      train_on='completion',  # completion | all: which tokens of prompt/completion records count
+      max_eval_examples=-1,  # -1 = the whole eval file
+  )
+  c.optim = dict(
+      lr=1e-4,
+      schedule='cosine',  # cosine | linear | constant, after linear warmup
+      warmup_steps=100,
+      end_lr_ratio=0.1,  # final lr = lr * end_lr_ratio
+      weight_decay=0.0,
+      decay_embeddings=False,  # norms and biases are never decayed
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      clip_norm=1.0,  # global-norm gradient clipping; 0 = off
+      grad_accum=1,  # microbatches per optimizer step
+  )
+  c.mesh = dict(
+      shape=(1, -1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
+      rules='fsdp_tp',  # a rule set in ftjax.sharding.RULES
+  )
+  c.train = dict(
+      steps=1000,  # optimizer steps; also the length of the lr schedule
+      log_every=10,
+      eval_every=200,  # 0 = only before and after training
+      seed=0,
+      progress=True,  # progress bar on process 0
+  )
+  return c

@@ -1,0 +1,23 @@
+"""The built-in demo: teach a small Llama two-digit addition in ~2 minutes on a laptop CPU.
+
+  ftjax train --config configs/demo.py --workdir /tmp/demo
+
+Data (data/demo/, made by data/demo/make.py) and the byte-level tokenizer ship with the
+repo, so nothing is downloaded. It prints the held-out exact-match accuracy before and after.
+"""
+
+import os
+
+from configs import base
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'demo')
+
+
+def get_config():
+  c = base.get_config()
+  c.model.update(preset='tiny', vocab_size=259, embed_dim=128, mlp_dim=512, num_layers=2)
+  c.data.update(train_path=os.path.join(DATA, 'train.jsonl'),
+                eval_path=os.path.join(DATA, 'eval.jsonl'), seq_len=16, global_batch=128)
+  c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.01)
+  c.train.update(steps=600, log_every=50, eval_every=200)
+  return c

@@ -1,0 +1,69 @@
+"""The `ftjax` command: `ftjax train --config configs/X.py [--config.a.b=v ...] --workdir DIR`."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py); override keys with --config.<section>.<key>=v.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: metrics, TensorBoard, config.json.')
+
+USAGE = """usage: ftjax COMMAND [flags]
+
+commands:
+  train   fine-tune a model: ftjax train --config configs/demo.py --workdir /tmp/demo
+"""
+
+
+def _fail(message: str) -> None:
+  print(f'ftjax: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with config errors reported in one line naming the key."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these from deep inside flag parsing for a bad override.
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    _fail(f'invalid config override {bad}: {e}')
+  return []
+
+
+def _train(argv: list[str]) -> None:
+  from ftjax import train  # import jax only once flags are parsed
+
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    _fail('--config is required, e.g. --config configs/demo.py')
+  if not _WORKDIR.value:
+    _fail('--workdir is required: the directory for metrics, TensorBoard and config.json')
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, train.data.DataError) as e:
+    _fail(str(e))
+
+
+COMMANDS = {'train': _train}
+
+
+def main() -> None:
+  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    print(USAGE, file=sys.stderr)
+    sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ('-h', '--help') else 2)
+  command = sys.argv.pop(1)
+  logging.set_verbosity(logging.WARNING)
+  app.run(COMMANDS[command], argv=[f'ftjax {command}', *sys.argv[1:]], flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  main()

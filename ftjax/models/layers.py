@@ -1,0 +1,127 @@
+"""Shared model primitives: parameters with logical names, Einsum, RMSNorm, rope, attention.
+
+This is the only module that attaches sharding metadata to parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: jax.nn.initializers.Initializer,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+  """A parameter carrying its logical axis names (mapped to the mesh by ftjax.sharding)."""
+  assert len(shape) == len(names), (shape, names)
+  return nnx.Param(
+      init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False
+  )
+
+
+class Einsum(nnx.Module):
+  """A weight contracted with the input by a fixed einsum equation."""
+
+  def __init__(
+      self,
+      eqn: str,
+      shape: Sequence[int],
+      names: Sequence[str | None],
+      *,
+      rngs: nnx.Rngs,
+      init_std: float = 0.02,
+      param_dtype: jnp.dtype = jnp.float32,
+      dtype: jnp.dtype = jnp.float32,
+  ):
+    self.eqn = eqn
+    self.dtype = dtype
+    self.w = param(rngs, jax.nn.initializers.normal(init_std), shape, names, param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.eqn, x.astype(self.dtype), self.w.get_value().astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+    self.eps = eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ('embed',), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    scale = self.scale.get_value().astype(jnp.float32)
+    return (x * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rope:
+  """Rotary embedding settings. `scaling_factor` 1.0 means plain rope."""
+
+  theta: float
+  scaling_factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  def inv_freq(self, head_dim: int) -> jax.Array:
+    """Inverse frequencies `[head_dim // 2]`, with Llama 3 long-context scaling if set."""
+    inv = 1.0 / (self.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if self.scaling_factor == 1.0:
+      return inv
+    # Llama 3.1 scaling: long wavelengths are divided by the factor, short ones kept,
+    # and the band between them interpolated smoothly.
+    low_wavelen = self.original_max_len / self.low_freq_factor
+    high_wavelen = self.original_max_len / self.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (
+        self.high_freq_factor - self.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv / self.scaling_factor + smooth * inv
+    out = jnp.where(wavelen > low_wavelen, inv / self.scaling_factor, inv)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, out)
+
+  def sin_cos(
+      self, positions: Int[Array, 'B T'], head_dim: int
+  ) -> tuple[Float[Array, 'B T h'], Float[Array, 'B T h']]:
+    inv_freq = self.inv_freq(head_dim).reshape((1,) * positions.ndim + (-1,))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: Float[Array, 'B T N H'], sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotates the two halves of the head dim (the Hugging Face layout)."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(dtype)
+
+
+def attention(
+    q: Float[Array, 'B T N H'],
+    k: Float[Array, 'B T K H'],
+    v: Float[Array, 'B T K H'],
+    segment_ids: Int[Array, 'B T'],
+    *,
+    implementation: str | None = None,
+) -> Float[Array, 'B T N H']:
+  """Causal grouped-query attention that never crosses packed-segment boundaries."""
+  same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=same_segment, is_causal=True, implementation=implementation
+  )

@@ -1,0 +1,201 @@
+"""Llama-family decoder (Llama 2/3/3.1/3.2 architecture).
+
+Letters: B batch, T length, D embed, F mlp, N heads, K kv heads, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from ftjax import sharding
+from ftjax.models import layers
+
+RematPolicy = Literal['none', 'dots', 'full']
+REMAT_POLICIES = {
+    'full': None,  # save nothing inside a layer, recompute everything
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  """Architecture of a Llama-family model (weights-shaping fields only)."""
+
+  vocab_size: int
+  embed_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 500_000.0
+  rope_scaling_factor: float = 1.0  # 1.0 = no scaling; Llama 3.1/3.2 use 8 / 32
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}'
+      )
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+
+  @property
+  def rope(self) -> layers.Rope:
+    return layers.Rope(
+        theta=self.rope_theta,
+        scaling_factor=self.rope_scaling_factor,
+        low_freq_factor=self.rope_low_freq_factor,
+        high_freq_factor=self.rope_high_freq_factor,
+        original_max_len=self.rope_original_max_len,
+    )
+
+
+_LLAMA3_ROPE = dict(rope_theta=500_000.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_len=8192)
+
+PRESETS = {
+    'tiny': Config(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=16, mlp_dim=128, rope_theta=10_000.0),
+    'llama3p2_1b': Config(vocab_size=128_256, embed_dim=2048, num_layers=16, num_heads=32,
+                          num_kv_heads=8, head_dim=64, mlp_dim=8192, tie_embeddings=True,
+                          rope_scaling_factor=32.0, **_LLAMA3_ROPE),
+    'llama3p2_3b': Config(vocab_size=128_256, embed_dim=3072, num_layers=28, num_heads=24,
+                          num_kv_heads=8, head_dim=128, mlp_dim=8192, tie_embeddings=True,
+                          rope_scaling_factor=32.0, **_LLAMA3_ROPE),
+    'llama3p1_8b': Config(vocab_size=128_256, embed_dim=4096, num_layers=32, num_heads=32,
+                          num_kv_heads=8, head_dim=128, mlp_dim=14_336,
+                          rope_scaling_factor=8.0, **_LLAMA3_ROPE),
+    'llama3p1_70b': Config(vocab_size=128_256, embed_dim=8192, num_layers=80, num_heads=64,
+                           num_kv_heads=8, head_dim=128, mlp_dim=28_672,
+                           rope_scaling_factor=8.0, **_LLAMA3_ROPE),
+}
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype, implementation):
+    kw = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q = layers.Einsum('BTD,DNH->BTNH', (d, n, h), ('embed', 'heads', 'head_dim'), **kw)
+    self.k = layers.Einsum('BTD,DKH->BTKH', (d, k, h), ('embed', 'kv_heads', 'head_dim'), **kw)
+    self.v = layers.Einsum('BTD,DKH->BTKH', (d, k, h), ('embed', 'kv_heads', 'head_dim'), **kw)
+    self.o = layers.Einsum('BTNH,NHD->BTD', (n, h, d), ('heads', 'head_dim', 'embed'), **kw)
+    self.implementation = implementation
+
+  def __call__(self, x: Float[Array, 'B T D'], sin, cos, segment_ids) -> Float[Array, 'B T D']:
+    q = layers.apply_rope(self.q(x), sin, cos)
+    k = layers.apply_rope(self.k(x), sin, cos)
+    v = self.v(x)
+    q = sharding.constrain(q, ('batch', 'seq', 'heads', 'head_dim'))
+    out = layers.attention(q, k, v, segment_ids, implementation=self.implementation)
+    return self.o(out)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    self.gate = layers.Einsum('BTD,DF->BTF', (d, f), ('embed', 'mlp'), **kw)
+    self.up = layers.Einsum('BTD,DF->BTF', (d, f), ('embed', 'mlp'), **kw)
+    self.down = layers.Einsum('BTF,FD->BTD', (f, d), ('mlp', 'embed'), **kw)
+
+  def __call__(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T D']:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl):
+    norm = dict(eps=cfg.norm_eps, rngs=rngs, param_dtype=param_dtype)
+    self.attn_norm = layers.RMSNorm(cfg.embed_dim, **norm)
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                          implementation=attention_impl)
+    self.mlp_norm = layers.RMSNorm(cfg.embed_dim, **norm)
+    self.mlp = Mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x: Float[Array, 'B T D'], sin, cos, segment_ids) -> Float[Array, 'B T D']:
+    x = x + self.attn(self.attn_norm(x), sin, cos, segment_ids)
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ('batch', 'seq', 'embed'))
+
+
+class Llama(nnx.Module):
+  """Decoder with its layers stacked on a leading 'layers' axis and run by scan."""
+
+  def __init__(
+      self,
+      cfg: Config,
+      *,
+      rngs: nnx.Rngs,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+      remat: RematPolicy = 'none',
+      attention_impl: str | None = None,
+  ):
+    if remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"remat={remat!r}; expected one of 'none', {', '.join(REMAT_POLICIES)}")
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.embed = layers.param(rngs, jax.nn.initializers.normal(cfg.init_std),
+                              (cfg.vocab_size, cfg.embed_dim), ('vocab', 'embed'), param_dtype)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                   attention_impl=attention_impl)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, rngs=rngs,
+                                     param_dtype=param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.Einsum('BTD,DV->BTV', (cfg.embed_dim, cfg.vocab_size),
+                                   ('embed', 'vocab'), rngs=rngs, init_std=cfg.init_std,
+                                   dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(
+      self,
+      tokens: Int[Array, 'B T'],
+      positions: Int[Array, 'B T'] | None = None,
+      segment_ids: Int[Array, 'B T'] | None = None,
+  ) -> Float[Array, 'B T V']:
+    """Logits for every position. Packed rows pass per-segment positions and segment ids."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    sin, cos = self.cfg.rope.sin_cos(positions, self.cfg.head_dim)
+    table = self.embed.get_value()
+    # Gather from a table replicated along vocab: XLA cannot partition a gather whose
+    # operand is split on the gathered axis without replicating it first.
+    lookup = sharding.constrain(table, (None, 'embed'))
+    x = jnp.take(lookup, tokens, axis=0).astype(self.dtype)
+    x = sharding.constrain(x, ('batch', 'seq', 'embed'))
+
+    def layer(block: Block, x):
+      return block(x, sin, cos, segment_ids)
+
+    if self.remat != 'none':
+      layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                 transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.blocks, x)
+    x = self.final_norm(x)
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum('BTD,VD->BTV', x, table.astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    return sharding.constrain(logits, ('batch', 'seq', 'vocab'))

@@ -1,0 +1,195 @@
+"""Meshes and the one table that maps logical axis names onto mesh axes.
+
+Model code names every parameter and key activation with logical names from the
+closed set `LOGICAL_NAMES`. Mesh axis names appear only in this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+LOGICAL_NAMES = frozenset(
+    {'batch', 'seq', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'vocab', 'layers', 'lora'}
+)
+
+# logical name -> mesh axis (or tuple of axes); absent or None = replicated.
+RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
+    # Fully sharded data parallel: weights split over `fsdp` along their embed dim.
+    'fsdp': dict(batch=('data', 'fsdp'), embed='fsdp'),
+    # FSDP plus Megatron-style tensor parallelism over `tensor`.
+    'fsdp_tp': dict(
+        batch=('data', 'fsdp'),
+        embed='fsdp',
+        mlp='tensor',
+        heads='tensor',
+        kv_heads='tensor',
+        vocab='tensor',
+    ),
+}
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+    'ftjax_sharding', default=None
+)
+
+
+class MeshError(ValueError):
+  """The requested mesh or batch does not fit the available devices."""
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills a single -1 in `shape` so that the product equals `num_devices`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise MeshError(
+        f'mesh.shape={shape} must have {len(MESH_AXES)} entries, one per mesh axis {MESH_AXES}.'
+    )
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise MeshError(f'mesh.shape={shape}: use positive sizes and at most one -1 (fills the rest).')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise MeshError(
+          f'mesh.shape={shape}: the fixed axes ({known} devices) do not divide the '
+          f'{num_devices} available devices.'
+      )
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise MeshError(
+        f'mesh.shape={shape} needs {math.prod(shape)} devices, but {num_devices} are available; '
+        f'set --config.mesh.shape so that the product is {num_devices} (one entry may be -1).'
+    )
+  return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a mesh over `devices` (default: all) with axes `MESH_AXES`."""
+  devices = list(jax.devices() if devices is None else devices)
+  resolved = resolve_mesh_shape(shape, len(devices))
+  return jax.make_mesh(
+      resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
+
+
+def get_rules(name: str) -> dict:
+  if name not in RULES:
+    raise KeyError(f'mesh.rules={name!r} is not a known rule set; choose one of {sorted(RULES)}.')
+  return RULES[name]
+
+
+def spec(
+    names: Sequence[str | None],
+    rules: dict,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> P:
+  """Maps logical names to a PartitionSpec.
+
+  A mesh axis is used at most once (first dimension wins), and with `shape` and
+  `mesh` given, a dimension that the mesh axes do not divide stays replicated.
+  """
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(names):
+    if name is not None and name not in LOGICAL_NAMES:
+      raise ValueError(f'unknown logical axis name {name!r}; allowed: {sorted(LOGICAL_NAMES)}')
+    axes = rules.get(name) if name else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used)
+    if mesh is not None:
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+      if shape is not None and shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*out)
+
+
+def logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
+  """The logical axis names a variable was created with ('layers' added by scan)."""
+  names = variable.get_metadata().get('out_sharding')
+  return tuple(names) if names else (None,) * np.ndim(variable.get_value())
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: dict) -> Any:
+  """NamedShardings for a pytree of (abstract) arrays.
+
+  Variables (parameters, and the optimizer moments that mirror them) are laid out
+  by their logical names; any other leaf (a step counter, say) is replicated.
+  """
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      shape = np.shape(x.get_value())
+      return x.replace(NamedSharding(mesh, spec(logical_names(x), rules, shape, mesh)))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
+  """Sharding of a `[batch, seq, ...]` input array."""
+  return NamedSharding(mesh, spec(('batch',) + (None,) * (ndim - 1), rules, mesh=mesh))
+
+
+def batch_shards(mesh: Mesh, rules: dict) -> int:
+  """How many ways the batch dimension is split."""
+  axes = spec(('batch',), rules, mesh=mesh)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: dict) -> Iterator[None]:
+  """The single ambient context: activations are constrained with these rules."""
+  # Not `jax.set_mesh`: NNX would then read the logical names as mesh axis names.
+  token = _ACTIVE.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation to its logical layout; identity outside `use`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, spec(names, rules, x.shape, mesh))
+  )
+
+
+def create_sharded(make: Any, mesh: Mesh, rules: dict) -> Any:
+  """Builds an nnx module directly into sharded device memory.
+
+  The module is first traced abstractly (no memory), its parameter shardings are
+  derived from RULES, and the real initialisation is jitted with those
+  `out_shardings`, so no device ever holds the whole model.
+  """
+  abstract = nnx.eval_shape(make)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  def init():
+    return nnx.state(make())
+
+  state = jax.jit(init, out_shardings=shardings)()
+  logging.info('created %d parameters on mesh %s', count_params(state), dict(mesh.shape))
+  return nnx.merge(graphdef, state)
+
+
+def count_params(state: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))

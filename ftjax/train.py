@@ -1,0 +1,276 @@
+"""TrainState, the jitted train/eval steps, and `run()`: the whole training loop, top to bottom."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ftjax import data, losses, metrics, models, optim, sharding, tokenizer
+from ftjax.models import llama
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # the trainable variables only
+  opt_state: optax.OptState
+
+
+def _loss_and_stats(params, frozen, batch, *, graphdef):
+  model = nnx.merge(graphdef, params, frozen)
+  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+  return losses.next_token_xent(logits, batch['targets'], batch['loss_mask'])
+
+
+def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef):
+  """Gradients of the summed masked loss, with that sum and the masked-token count."""
+
+  def sum_loss(params):
+    stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef)
+    return stats['loss_sum'], stats['tokens']
+
+  (loss_sum, tokens), grads = jax.value_and_grad(sum_loss, has_aux=True)(params)
+  return grads, loss_sum, tokens
+
+
+def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
+               tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int):
+  """One optimizer step over the global batch, split into `grad_accum` microbatches.
+
+  Gradients are summed over all masked tokens of all microbatches, then divided by
+  their count, so accumulation gives the same update as one big batch.
+  """
+  if grad_accum == 1:
+    grads, loss_sum, tokens = loss_grads(state.params, frozen, batch, graphdef=graphdef)
+  else:
+    # Row r goes to microbatch r % grad_accum: each device keeps its own rows.
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate(carry, microbatch):
+      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, zeros, micro)
+  scale = 1.0 / jnp.maximum(tokens, 1.0)
+  grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  out = dict(loss=loss_sum * scale, grad_norm=optax.tree.norm(grads),
+             learning_rate=lr_fn(state.step), loss_tokens=tokens)
+  return new_state, out
+
+
+def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef):
+  """Sums for held-out loss and exact match (every masked target is the argmax)."""
+  stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef)
+  has_target = stats['row_tokens'] > 0
+  exact = has_target & (stats['row_correct'] == stats['row_tokens'])
+  return dict(loss_sum=stats['loss_sum'], tokens=stats['tokens'],
+              examples=jnp.sum(has_target), exact=jnp.sum(exact))
+
+
+@dataclasses.dataclass
+class Trainer:
+  """What `setup` builds: the sharded state and the compiled steps over it."""
+
+  mesh: jax.sharding.Mesh
+  rules: dict
+  graphdef: Any
+  state: TrainState
+  frozen: nnx.State
+  train_step: Any
+  eval_step: Any
+  batch_sharding: NamedSharding
+
+
+def model_config(model: ml_collections.ConfigDict) -> llama.Config:
+  """The architecture: `model.preset` plus any architecture field set in the config."""
+  fields = {f.name for f in dataclasses.fields(llama.Config)}
+  overrides = {k: v for k, v in model.items() if k in fields}
+  try:
+    return models.config_from_preset(model.preset, overrides)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(e.args[0]) from None
+
+
+def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
+          optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
+          devices=None) -> Trainer:
+  """Mesh -> abstract model -> shardings -> sharded init -> compiled steps."""
+  try:
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    rules = sharding.get_rules(rules_name)
+  except (sharding.MeshError, KeyError) as e:
+    raise ConfigError(e.args[0]) from None
+  shards = sharding.batch_shards(mesh, rules)
+  if grad_accum < 1 or global_batch % (shards * grad_accum):
+    raise ConfigError(
+        f'data.global_batch={global_batch} must be divisible by the {shards} batch shards of '
+        f'mesh {dict(mesh.shape)} times optim.grad_accum={grad_accum} '
+        f'(= {shards * grad_accum}).')
+  with sharding.use(mesh, rules):
+    model = sharding.create_sharded(
+        lambda: llama.Llama(arch, rngs=nnx.Rngs(seed), **model_options), mesh, rules)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  tx, lr_fn = optim.make(**optim_kwargs)
+
+  def init_state(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  state_sh = sharding.state_shardings(jax.eval_shape(init_state, params), mesh, rules)
+  state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
+  frozen_sh = sharding.state_shardings(frozen, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum),
+      in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                    in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=replicated)
+  return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh)
+
+
+def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Held-out loss, perplexity and exact-match accuracy over every eval example."""
+  totals = None
+  with sharding.use(trainer.mesh, trainer.rules):
+    for batch, _ in data.device_batches(iter(batches), trainer.batch_sharding):
+      out = trainer.eval_step(trainer.state.params, trainer.frozen, batch)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  loss = float(totals['loss_sum']) / max(float(totals['tokens']), 1.0)
+  return dict(eval_loss=loss, eval_perplexity=float(np.exp(min(loss, 80.0))),
+              eval_accuracy=float(totals['exact']) / max(float(totals['examples']), 1.0),
+              eval_examples=int(totals['examples']))
+
+
+def _optim_kwargs(o: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
+  return dict(lr=o.lr, steps=steps, warmup_steps=o.warmup_steps, schedule_kind=o.schedule,
+              end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+              eps=o.eps, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
+
+
+def validate(config: ml_collections.ConfigDict) -> llama.Config:
+  """Checks values the type-locked config cannot; returns the resolved architecture."""
+  choices = {
+      'model.dtype': (config.model.dtype, tuple(DTYPES)),
+      'model.param_dtype': (config.model.param_dtype, tuple(DTYPES)),
+      'model.remat': (config.model.remat, ('none', *llama.REMAT_POLICIES)),
+      'model.attention': (config.model.attention, ('xla', 'cudnn')),
+      'optim.schedule': (config.optim.schedule, ('cosine', 'linear', 'constant')),
+      'data.train_on': (config.data.train_on, ('completion', 'all')),
+  }
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f'{key}={value!r} is not one of {allowed}')
+  positive = {'train.steps': config.train.steps, 'data.seq_len': config.data.seq_len,
+              'data.global_batch': config.data.global_batch,
+              'optim.grad_accum': config.optim.grad_accum, 'train.log_every': config.train.log_every}
+  for key, value in positive.items():
+    if value < 1:
+      raise ConfigError(f'{key}={value} must be >= 1')
+  if not config.data.train_path:
+    raise ConfigError('data.train_path is empty: point it at a JSONL file of training records')
+  for key in ('train_path', 'eval_path'):
+    path = config.data[key]
+    if path and not os.path.isfile(path):
+      raise ConfigError(f'data.{key}={path!r}: file not found')
+  return model_config(config.model)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains as `config` says, writing metrics, TensorBoard and config.json into `workdir`."""
+  arch = validate(config)
+  c_data, c_train, c_model = config.data, config.train, config.model
+  tok = tokenizer.load(c_data.tokenizer)
+  if tok.vocab_size > arch.vocab_size:
+    raise ConfigError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size is '
+                      f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump({**config.to_dict(), 'resolved_model': dataclasses.asdict(arch)}, f, indent=2)
+
+  trainer = setup(
+      arch=arch,
+      model_options=dict(dtype=DTYPES[c_model.dtype], param_dtype=DTYPES[c_model.param_dtype],
+                         remat=c_model.remat, attention_impl=c_model.attention),
+      mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
+      optim_kwargs=_optim_kwargs(config.optim, c_train.steps), grad_accum=config.optim.grad_accum,
+      global_batch=c_data.global_batch, seed=c_train.seed)
+  train_iter = data.train_batches(c_data.train_path, tok, seq_len=c_data.seq_len,
+                                  global_batch=c_data.global_batch, seed=c_train.seed,
+                                  train_on=c_data.train_on)
+  eval_set = (data.eval_batches(c_data.eval_path, tok, seq_len=c_data.seq_len,
+                                global_batch=c_data.global_batch, train_on=c_data.train_on,
+                                max_examples=c_data.max_eval_examples)
+              if c_data.eval_path else None)
+  n_params = sharding.count_params(trainer.state.params)
+  logging.info('model %s: %d trainable parameters; mesh %s', c_model.preset, n_params,
+               dict(trainer.mesh.shape))
+
+  writer = metrics.Writer(workdir, total_steps=c_train.steps, progress=c_train.progress)
+  writer.print(f'ftjax: {c_model.preset} ({n_params:,} params) on mesh {dict(trainer.mesh.shape)}, '
+               f'{c_train.steps} steps')
+  first_eval = last_eval = evaluate(trainer, eval_set) if eval_set else None
+  if first_eval:
+    writer.write(0, first_eval)
+  batches = data.device_batches(train_iter, trainer.batch_sharding)
+  start = time.perf_counter()
+  window_start, window_tokens, logged = start, 0, {}
+  with sharding.use(trainer.mesh, trainer.rules):
+    for step in range(1, c_train.steps + 1):
+      batch, real_tokens = next(batches)
+      trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+      window_tokens += real_tokens * jax.process_count()
+      writer.advance()
+      is_last = step == c_train.steps
+      if step % c_train.log_every == 0 or is_last:
+        logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        logged['tokens_per_s'] = window_tokens / max(now - window_start, 1e-9)
+        window_start, window_tokens = now, 0
+        if eval_set and ((c_train.eval_every > 0 and step % c_train.eval_every == 0) or is_last):
+          last_eval = evaluate(trainer, eval_set)
+          logged.update(last_eval)
+        writer.write(step, logged)
+  wall = time.perf_counter() - start
+  summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
+                 train_step_compiles=trainer.train_step._cache_size())
+  line = f'done: {c_train.steps} steps in {wall:.1f}s, final train loss {summary["final_loss"]:.4f}'
+  if first_eval and last_eval:
+    summary.update(eval_loss_before=first_eval['eval_loss'], eval_loss_after=last_eval['eval_loss'],
+                   accuracy_before=first_eval['eval_accuracy'],
+                   accuracy_after=last_eval['eval_accuracy'], eval_examples=last_eval['eval_examples'])
+    line += f', eval loss {first_eval["eval_loss"]:.4f} -> {last_eval["eval_loss"]:.4f}'
+  writer.print(line)
+  if first_eval and last_eval:
+    writer.print(f'held-out accuracy: before {first_eval["eval_accuracy"]:.2f} -> after '
+                 f'{last_eval["eval_accuracy"]:.2f} (n={last_eval["eval_examples"]})')
+  writer.close()
+  return summary
