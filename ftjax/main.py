@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import sys
 
 from absl import app, flags, logging
@@ -33,9 +34,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections raises these from deep inside flag parsing for a bad override.
-    bad = [a for a in argv[1:] if a.startswith('--config.')]
-    _fail(f'invalid config override {bad}: {e}')
+    _fail(_explain_override_error(argv) or f'invalid config override: {e!r}')
   return []
+
+
+def _explain_override_error(argv: list[str]) -> str | None:
+  """Names the first `--config.<key>` override whose key the config file does not define."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path is None and '--config' in argv[:-1]:
+    path = argv[argv.index('--config') + 1]
+  if path is None:
+    return None
+  file, _, arg = path.partition(':')
+  get_config = runpy.run_path(file)['get_config']
+  config = get_config(arg) if arg else get_config()
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    key = a[len('--config.'):].split('=', 1)[0]
+    node = config
+    for i, part in enumerate(key.split('.')):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(key.split('.')[:i]) or 'the config'
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return f'unknown config key {key!r} in {a!r}; {where} has keys {known}'
+      node = node[part]
+  return None
 
 
 def _train(argv: list[str]) -> None:

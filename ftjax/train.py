@@ -175,8 +175,21 @@ def _optim_kwargs(o: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
               eps=o.eps, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
 
 
+def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                prefix: str = '') -> None:
+  for key in config.keys():
+    if key not in schema:
+      raise ConfigError(f'config key {prefix + key!r} is not defined in configs/base.py; '
+                        f'known keys here: {sorted(schema.keys())}')
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      _check_keys(config[key], schema[key], f'{prefix}{key}.')
+
+
 def validate(config: ml_collections.ConfigDict) -> llama.Config:
   """Checks values the type-locked config cannot; returns the resolved architecture."""
+  from configs import base  # the schema: every key ftjax knows
+
+  _check_keys(config, base.get_config())
   choices = {
       'model.dtype': (config.model.dtype, tuple(DTYPES)),
       'model.param_dtype': (config.model.param_dtype, tuple(DTYPES)),

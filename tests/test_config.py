@@ -1,0 +1,100 @@
+"""Every config builds; bad configs fail fast with one line that names the problem."""
+
+import glob
+import os
+import runpy
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from ml_collections import config_flags  # noqa: F401  (registers the config loader)
+
+from conftest import REPO
+from ftjax import models, train
+
+
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+                      if not p.endswith('__init__.py'))
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_config_builds_locks_and_names_a_preset(path):
+
+  config = runpy.run_path(path)['get_config']()
+  config.lock()
+  assert config.model.preset in models.PRESETS
+  train._check_keys(config, runpy.run_path(os.path.join(REPO, 'configs', 'base.py'))['get_config']())
+  with pytest.raises(AttributeError):
+    config.model.no_such_key = 1  # locked: unknown keys are refused
+
+
+def _ftjax(*args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  cmd = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
+         '--config.train.progress=False', *args]
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def _assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('ftjax: error:')]
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0]
+
+
+def test_unknown_key(tmp_path):
+  result = _ftjax('--config.model.num_layerz=3', f'--workdir={tmp_path}')
+  _assert_one_line_error(result, "unknown config key 'model.num_layerz'", 'num_layers')
+
+
+def test_wrong_type(tmp_path):
+  result = _ftjax('--config.train.steps=many', f'--workdir={tmp_path}')
+  _assert_one_line_error(result, '--config.train.steps=many', 'int')
+
+
+def test_mesh_that_does_not_match_the_devices(tmp_path):
+  result = _ftjax('--config.mesh.shape=(3,1,1)', f'--workdir={tmp_path}', devices=4)
+  _assert_one_line_error(result, 'mesh.shape=(3, 1, 1) needs 3 devices, but 4 are available')
+
+
+def test_batch_that_does_not_divide_over_the_mesh(tmp_path):
+  result = _ftjax('--config.data.global_batch=12', f'--workdir={tmp_path}', devices=8)
+  _assert_one_line_error(result, 'data.global_batch=12 must be divisible by the 8 batch shards')
+
+
+def test_missing_data_file(tmp_path):
+  result = _ftjax('--config.data.train_path=/no/such/train.jsonl', f'--workdir={tmp_path}')
+  _assert_one_line_error(result, "data.train_path='/no/such/train.jsonl': file not found")
+
+
+def test_malformed_data_line(tmp_path):
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
+  result = _ftjax(f'--config.data.train_path={bad}', f'--workdir={tmp_path}')
+  _assert_one_line_error(result, f'{bad}:2:', '"completion"')
+
+
+def test_unknown_preset_and_choice():
+  config = _demo_config()
+  config.model.preset = 'llama9'
+  with pytest.raises(train.ConfigError, match="model.preset='llama9' is not a known preset"):
+    train.validate(config)
+  config = _demo_config()
+  config.optim.schedule = 'cosinus'
+  with pytest.raises(train.ConfigError, match="optim.schedule='cosinus' is not one of"):
+    train.validate(config)
+
+
+def test_key_added_by_an_experiment_file_is_refused():
+  config = _demo_config()
+  with config.unlocked():
+    config.optim.learning_rate = 1e-3  # a typo for optim.lr
+  with pytest.raises(train.ConfigError, match="'optim.learning_rate' is not defined"):
+    train.validate(config)
+
+
+def _demo_config() -> ml_collections.ConfigDict:
+  return runpy.run_path(os.path.join(REPO, 'configs', 'demo.py'))['get_config']()

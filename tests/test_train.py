@@ -1,0 +1,82 @@
+"""End-to-end training runs through `train.run`, on real computation."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from conftest import write_jsonl
+from ftjax import train
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
+  # Eight records, a batch of eight: every step sees the same examples, so loss must collapse.
+  records = [{'prompt': f'{a}+{a}=', 'completion': str(2 * a)} for a in range(8)]
+  small_config.data.train_path = write_jsonl(tmp_path / 'repeated.jsonl', records)
+  small_config.optim.lr = 1e-2
+  small_config.train.update(steps=40, log_every=10, eval_every=20)
+  summary = train.run(small_config, str(tmp_path))
+  rows = _rows(tmp_path)
+  assert [r['step'] for r in rows] == [0, 10, 20, 30, 40]
+  for r in rows[1:]:
+    assert {'loss', 'learning_rate', 'grad_norm', 'tokens_per_s'} <= set(r)
+    assert r['tokens_per_s'] > 0
+  assert {'eval_loss', 'eval_perplexity', 'eval_accuracy'} <= set(rows[2])
+  assert rows[-1]['loss'] < 0.2 * rows[1]['loss']
+  assert summary['eval_loss_after'] < summary['eval_loss_before']
+  # The train step traced and compiled once for all 40 steps.
+  assert summary['train_step_compiles'] == 1
+  resolved = json.load(open(tmp_path / 'config.json'))
+  assert resolved['train']['steps'] == 40
+  assert resolved['resolved_model']['embed_dim'] == 32
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  losses = [e.value for e in events.Scalars('loss')]
+  assert losses == pytest.approx([r['loss'] for r in rows[1:]], rel=1e-6)
+
+
+def test_grad_accumulation_matches_one_big_batch(small_config, tmp_path):
+  small_config.train.update(steps=3, log_every=1)
+  small_config.mesh.shape = (2, 2, 2)
+  small_config.data.global_batch = 16
+  train.run(small_config, str(tmp_path / 'one'))
+  small_config.optim.grad_accum = 2
+  train.run(small_config, str(tmp_path / 'four'))
+  one, four = _rows(tmp_path / 'one'), _rows(tmp_path / 'four')
+  for a, b in zip(one[1:], four[1:]):
+    assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
+    assert b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-5)
+
+
+def test_weight_decay_skips_norms_and_embeddings(small_config):
+  from ftjax import optim
+
+  arch = train.model_config(small_config.model)
+  trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1), rules_name='fsdp',
+                        optim_kwargs=train._optim_kwargs(small_config.optim, 10), grad_accum=1,
+                        global_batch=8, seed=0, devices=jax.devices()[:1])
+  mask = optim.decay_mask(trainer.state.params, decay_embeddings=False)
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert not any(m for k, m in flat.items() if 'norm' in k or "['embed']" in k)
+  assert all(m for k, m in flat.items() if "['w']" in k)
+
+
+def test_schedule_warms_up_then_decays():
+  from ftjax import optim
+
+  lr = optim.schedule(lr=1.0, steps=100, warmup_steps=10, decay='cosine', end_lr_ratio=0.1)
+  values = np.array([float(lr(s)) for s in range(101)])
+  assert values[0] == pytest.approx(0.1) and values[9] < 1.0
+  assert values[10] == pytest.approx(1.0)
+  assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) <= 1e-7)
+  assert values[100] == pytest.approx(0.1)
+  linear = optim.schedule(lr=1.0, steps=100, warmup_steps=0, decay='linear', end_lr_ratio=0.0)
+  assert float(linear(50)) == pytest.approx(0.5)
