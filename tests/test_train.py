@@ -80,3 +80,15 @@ def test_schedule_warms_up_then_decays():
   assert values[100] == pytest.approx(0.1)
   linear = optim.schedule(lr=1.0, steps=100, warmup_steps=0, decay='linear', end_lr_ratio=0.0)
   assert float(linear(50)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('dtype,remat', [('bfloat16', 'dots'), ('float32', 'full')])
+def test_bf16_and_remat_runs_train(small_config, tmp_path, dtype, remat):
+  small_config.model.update(dtype=dtype, param_dtype=dtype, remat=remat)
+  small_config.train.update(steps=8, log_every=4)
+  small_config.optim.lr = 1e-2
+  summary = train.run(small_config, str(tmp_path))
+  rows = _rows(tmp_path)
+  assert all(np.isfinite(r['loss']) for r in rows[1:])
+  assert rows[-1]['loss'] < rows[1]['loss']
+  assert summary['train_step_compiles'] == 1
