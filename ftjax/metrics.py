@@ -30,7 +30,7 @@ class Writer:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(self.path, 'a', encoding='utf-8')
+    self._jsonl = open(self.path, 'a', encoding='utf-8')  # noqa: SIM115 (closed in close())
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', file=sys.stderr,

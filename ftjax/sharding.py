@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -172,21 +173,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   )
 
 
-def create_sharded(make: Any, mesh: Mesh, rules: dict) -> Any:
-  """Builds an nnx module directly into sharded device memory.
+def sharded_init(make: Any, mesh: Mesh, rules: dict) -> tuple[Any, Any]:
+  """The graph of module `make()` and a jitted function creating its sharded state.
 
   The module is first traced abstractly (no memory), its parameter shardings are
   derived from RULES, and the real initialisation is jitted with those
   `out_shardings`, so no device ever holds the whole model.
   """
-  abstract = nnx.eval_shape(make)
-  graphdef, abstract_state = nnx.split(abstract)
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
   shardings = state_shardings(abstract_state, mesh, rules)
+  return graphdef, jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
 
-  def init():
-    return nnx.state(make())
 
-  state = jax.jit(init, out_shardings=shardings)()
+def create_sharded(make: Any, mesh: Mesh, rules: dict) -> Any:
+  """Builds the nnx module `make()` directly into sharded device memory."""
+  graphdef, init = sharded_init(make, mesh, rules)
+  state = init()
   logging.info('created %d parameters on mesh %s', count_params(state), dict(mesh.shape))
   return nnx.merge(graphdef, state)
 

@@ -58,7 +58,7 @@ def _gpt2_byte_map() -> dict[str, int]:
       keep.append(b)
       chars.append(256 + n)
       n += 1
-  return {chr(c): b for b, c in zip(keep, chars)}
+  return {chr(c): b for b, c in zip(keep, chars, strict=True)}
 
 
 _BYTE_OF_CHAR = _gpt2_byte_map()

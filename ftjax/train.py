@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ftjax import data, losses, metrics, models, optim, sharding, tokenizer
 from ftjax.models import llama
@@ -177,7 +178,7 @@ def _optim_kwargs(o: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
 
 def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
                 prefix: str = '') -> None:
-  for key in config.keys():
+  for key in config:
     if key not in schema:
       raise ConfigError(f'config key {prefix + key!r} is not defined in configs/base.py; '
                         f'known keys here: {sorted(schema.keys())}')
@@ -203,7 +204,8 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
       raise ConfigError(f'{key}={value!r} is not one of {allowed}')
   positive = {'train.steps': config.train.steps, 'data.seq_len': config.data.seq_len,
               'data.global_batch': config.data.global_batch,
-              'optim.grad_accum': config.optim.grad_accum, 'train.log_every': config.train.log_every}
+              'optim.grad_accum': config.optim.grad_accum,
+              'train.log_every': config.train.log_every}
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f'{key}={value} must be >= 1')
@@ -279,7 +281,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if first_eval and last_eval:
     summary.update(eval_loss_before=first_eval['eval_loss'], eval_loss_after=last_eval['eval_loss'],
                    accuracy_before=first_eval['eval_accuracy'],
-                   accuracy_after=last_eval['eval_accuracy'], eval_examples=last_eval['eval_examples'])
+                   accuracy_after=last_eval['eval_accuracy'],
+                   eval_examples=last_eval['eval_examples'])
     line += f', eval loss {first_eval["eval_loss"]:.4f} -> {last_eval["eval_loss"]:.4f}'
   writer.print(line)
   if first_eval and last_eval:

@@ -13,7 +13,6 @@ from ml_collections import config_flags  # noqa: F401  (registers the config loa
 from conftest import REPO
 from ftjax import models, train
 
-
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
                       if not p.endswith('__init__.py'))
 
@@ -24,7 +23,8 @@ def test_every_config_builds_locks_and_names_a_preset(path):
   config = runpy.run_path(path)['get_config']()
   config.lock()
   assert config.model.preset in models.PRESETS
-  train._check_keys(config, runpy.run_path(os.path.join(REPO, 'configs', 'base.py'))['get_config']())
+  schema = runpy.run_path(os.path.join(REPO, 'configs', 'base.py'))['get_config']()
+  train._check_keys(config, schema)
   with pytest.raises(AttributeError):
     config.model.no_such_key = 1  # locked: unknown keys are refused
 

@@ -22,7 +22,7 @@ def test_demo_accuracy_rises(tmp_path):
   assert match, result.stdout
   before, after = float(match.group(1)), float(match.group(2))
   assert before < 0.05 and after > 0.5
-  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = [r for r in rows if 'eval_accuracy' in r]
   assert [r['step'] for r in evals] == [0, 300, 600]
   assert abs(evals[-1]['eval_accuracy'] - after) <= 0.005

@@ -70,7 +70,8 @@ def test_logits_match_transformers(num_kv_heads, tie, scaling):
   arch = llama.Config(vocab_size=128, embed_dim=64, num_layers=2, num_heads=4,
                       num_kv_heads=num_kv_heads, head_dim=16, mlp_dim=96, rope_theta=10_000.0,
                       tie_embeddings=tie, norm_eps=1e-5,
-                      **(dict(rope_scaling_factor=8.0, rope_original_max_len=32) if scaling else {}))
+                      **(dict(rope_scaling_factor=8.0, rope_original_max_len=32)
+                         if scaling else {}))
   model = _to_ftjax(hf, arch)
   tokens = np.random.default_rng(0).integers(0, 128, size=(2, 48))
   with torch.no_grad():
@@ -112,6 +113,7 @@ def test_presets_have_the_published_sizes():
   expected = {'llama3p2_1b': 1.236e9, 'llama3p2_3b': 3.213e9, 'llama3p1_8b': 8.030e9,
               'llama3p1_70b': 70.55e9}
   for name, count in expected.items():
-    model = nnx.eval_shape(lambda: llama.Llama(llama.PRESETS[name], rngs=nnx.Rngs(0)))
+    arch = llama.PRESETS[name]
+    model = nnx.eval_shape(lambda arch=arch: llama.Llama(arch, rngs=nnx.Rngs(0)))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     assert n == pytest.approx(count, rel=2e-3), name

@@ -77,7 +77,7 @@ def test_large_parameters_are_sharded():
     assert x.addressable_shards[0].data.size < x.size
   # Adam moments follow their parameters' layout instead of being replicated.
   mu = trainer.state.opt_state[1][0].mu
-  for p, m in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(mu)):
+  for p, m in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(mu), strict=True):
     assert m.sharding == p.sharding
 
 
@@ -89,3 +89,17 @@ def test_mesh_errors():
   with pytest.raises(train.ConfigError, match='global_batch=8 must be divisible'):
     train.setup(arch=ARCH, model_options={}, mesh_shape=(1, 8, 1), rules_name='fsdp',
                 optim_kwargs=OPTIM, grad_accum=2, global_batch=8, seed=0)
+
+
+def test_an_8b_model_is_initialised_sharded_without_ever_being_whole():
+  # Compiled, not run: the per-device memory of the sharded init of Llama 3.1 8B in bf16.
+  arch = llama.PRESETS['llama3p1_8b']
+  mesh = sharding.make_mesh((1, 8, 1))
+  make = lambda: llama.Llama(arch, rngs=nnx.Rngs(0), param_dtype=jax.numpy.bfloat16)
+  _, init = sharding.sharded_init(make, mesh, sharding.RULES['fsdp_tp'])
+  memory = init.lower().compile().memory_analysis()
+  whole = 8.03e9 * 2  # bytes of the full model
+  assert memory.output_size_in_bytes < 1.01 * whole / 8
+  # The random draws are made in float32 per shard, so temporaries exceed the bf16 shard, but
+  # a device's peak stays well under the size of the whole model.
+  assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 0.75 * whole

@@ -34,7 +34,7 @@ def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
   assert summary['eval_loss_after'] < summary['eval_loss_before']
   # The train step traced and compiled once for all 40 steps.
   assert summary['train_step_compiles'] == 1
-  resolved = json.load(open(tmp_path / 'config.json'))
+  resolved = json.loads((tmp_path / 'config.json').read_text())
   assert resolved['train']['steps'] == 40
   assert resolved['resolved_model']['embed_dim'] == 32
   events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
@@ -51,7 +51,7 @@ def test_grad_accumulation_matches_one_big_batch(small_config, tmp_path):
   small_config.optim.grad_accum = 2
   train.run(small_config, str(tmp_path / 'four'))
   one, four = _rows(tmp_path / 'one'), _rows(tmp_path / 'four')
-  for a, b in zip(one[1:], four[1:]):
+  for a, b in zip(one[1:], four[1:], strict=True):
     assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
     assert b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-5)
 

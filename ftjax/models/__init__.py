@@ -17,7 +17,8 @@ def config_from_preset(preset: str, overrides: dict[str, Any] | None = None) -> 
     KeyError: the preset or an override key is unknown (the message names it).
   """
   if preset not in PRESETS:
-    raise KeyError(f'model.preset={preset!r} is not a known preset; choose one of {sorted(PRESETS)}')
+    raise KeyError(
+        f'model.preset={preset!r} is not a known preset; choose one of {sorted(PRESETS)}')
   cfg = PRESETS[preset]
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
   fields = {f.name for f in dataclasses.fields(cfg)}
