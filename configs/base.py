@@ -10,13 +10,15 @@ from ml_collections import config_dict
 
 from ftjax.models import llama
 
-_TYPES = {'int': int, 'float': float, 'bool': bool}
+_TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str}
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(
       preset='tiny',  # a name in ftjax.models.PRESETS
+      pretrained='',  # a Hugging Face folder: its config.json sets the architecture, its weights
+      # the initial parameters (model.preset and architecture overrides are then ignored)
       dtype='float32',  # compute dtype: float32 | bfloat16
       param_dtype='float32',  # storage dtype of the weights
       remat='none',  # none | dots | full: what a scanned layer saves for the backward pass

@@ -52,17 +52,23 @@ class Einsum(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm, computed in float32."""
+  """Root-mean-square norm over the last axis, computed in float32.
 
-  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+  `plus_one` is Gemma's variant: the weight is stored as an offset from one.
+  """
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, plus_one: bool = False,
+               name: str = 'embed', param_dtype: jnp.dtype = jnp.float32):
     self.eps = eps
-    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ('embed',), param_dtype)
+    self.plus_one = plus_one
+    init = jax.nn.initializers.zeros if plus_one else jax.nn.initializers.ones
+    self.scale = param(rngs, init, (dim,), (name,), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = x.dtype
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    scale = self.scale.get_value().astype(jnp.float32)
+    scale = self.scale.get_value().astype(jnp.float32) + (1.0 if self.plus_one else 0.0)
     return (x * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
 
 
@@ -75,10 +81,12 @@ class Rope:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_len: int = 8192
+  linear_factor: float = 1.0  # 'linear' scaling: positions divided by this factor
 
   def inv_freq(self, head_dim: int) -> jax.Array:
     """Inverse frequencies `[head_dim // 2]`, with Llama 3 long-context scaling if set."""
     inv = 1.0 / (self.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv = inv / self.linear_factor
     if self.scaling_factor == 1.0:
       return inv
     # Llama 3.1 scaling: long wavelengths are divided by the factor, short ones kept,
@@ -117,11 +125,32 @@ def attention(
     k: Float[Array, 'B T K H'],
     v: Float[Array, 'B T K H'],
     segment_ids: Int[Array, 'B T'],
+    positions: Int[Array, 'B T'],
     *,
+    scale: float,
+    window: jax.Array | int | None = None,
+    softcap: float = 0.0,
     implementation: str | None = None,
 ) -> Float[Array, 'B T N H']:
-  """Causal grouped-query attention that never crosses packed-segment boundaries."""
-  same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=same_segment, is_causal=True, implementation=implementation
-  )
+  """Causal grouped-query attention that never crosses packed-segment boundaries.
+
+  `window` (may be traced, so scanned layers can differ) limits each query to keys at most
+  `window - 1` positions back. `softcap` > 0 caps the logits with `softcap * tanh(x / softcap)`,
+  which `jax.nn.dot_product_attention` cannot do, so that case uses an einsum path.
+  """
+  mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if window is not None:
+    mask &= (positions[:, None, :, None] - positions[:, None, None, :]) < window
+  if not softcap:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                        implementation=implementation)
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
+  logits = softcap * jnp.tanh(logits / softcap)
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  allowed = (mask & causal[None, None])[:, :, None]  # [B, 1, 1, T, S]
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(b, t, n, h)

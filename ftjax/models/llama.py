@@ -1,4 +1,8 @@
-"""Llama-family decoder (Llama 2/3/3.1/3.2 architecture).
+"""Llama-family decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3.
+
+These families share one block structure; `Config` flags switch on what differs (q/k/v bias,
+q/k norm, sliding-window layers, Gemma's (1+w) norms, GeGLU, embedding scaling, pre/post norms,
+logit soft-capping, dual rope bases).
 
 Letters: B batch, T length, D embed, F mlp, N heads, K kv heads, H head dim, V vocab.
 """
@@ -6,10 +10,12 @@ Letters: B batch, T length, D embed, F mlp, N heads, K kv heads, H head dim, V v
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -17,6 +23,7 @@ from ftjax import sharding
 from ftjax.models import layers
 
 RematPolicy = Literal['none', 'dots', 'full']
+ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 REMAT_POLICIES = {
     'full': None,  # save nothing inside a layer, recompute everything
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -42,6 +49,26 @@ class Config:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
+  family: str = 'llama'  # the Hugging Face model_type this architecture exports as
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k
+  norm_plus_one: bool = False  # Gemma: norms scale by (1 + w)
+  mlp_activation: str = 'silu'  # silu (SwiGLU) | gelu_tanh (GeGLU)
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(embed_dim)
+  post_norms: bool = False  # Gemma 2/3: extra norms after attention and after the MLP
+  attn_softcap: float = 0.0  # Gemma 2: tanh soft-capping of attention logits; 0 = off
+  final_softcap: float = 0.0  # Gemma 2: soft-capping of output logits; 0 = off
+  query_scale: float = 0.0  # attention scale is query_scale ** -0.5; 0 = head_dim
+  sliding_window: int = 0  # attend to the last N positions; 0 = full attention everywhere
+  global_every: int = 0  # with sliding_window: every N-th layer is global; 0 = none is
+  rope_local_theta: float = 0.0  # Gemma 3: rope base of sliding layers; 0 = rope_theta
+  rope_linear_factor: float = 1.0  # linear rope scaling (positions / factor) of global layers
+
+  def is_global(self, layer: int) -> bool:
+    """Whether `layer` attends to the whole context (else to `sliding_window` positions)."""
+    if not self.sliding_window:
+      return True
+    return bool(self.global_every) and (layer + 1) % self.global_every == 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -50,15 +77,20 @@ class Config:
       )
     if self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ValueError(
+          f'mlp_activation={self.mlp_activation!r}; expected one of {list(ACTIVATIONS)}')
 
-  @property
-  def rope(self) -> layers.Rope:
+  def rope(self, is_global: bool = True) -> layers.Rope:
+    if not is_global:
+      return layers.Rope(theta=self.rope_local_theta or self.rope_theta)
     return layers.Rope(
         theta=self.rope_theta,
         scaling_factor=self.rope_scaling_factor,
         low_freq_factor=self.rope_low_freq_factor,
         high_freq_factor=self.rope_high_freq_factor,
         original_max_len=self.rope_original_max_len,
+        linear_factor=self.rope_linear_factor,
     )
 
 
@@ -92,18 +124,40 @@ class Attention(nnx.Module):
     self.k = layers.Einsum('BTD,DKH->BTKH', (d, k, h), ('embed', 'kv_heads', 'head_dim'), **kw)
     self.v = layers.Einsum('BTD,DKH->BTKH', (d, k, h), ('embed', 'kv_heads', 'head_dim'), **kw)
     self.o = layers.Einsum('BTNH,NHD->BTD', (n, h, d), ('heads', 'head_dim', 'embed'), **kw)
+    if cfg.qkv_bias:
+      zeros = jax.nn.initializers.zeros
+      self.q_bias = layers.param(rngs, zeros, (n, h), ('heads', 'head_dim'), param_dtype)
+      self.k_bias = layers.param(rngs, zeros, (k, h), ('kv_heads', 'head_dim'), param_dtype)
+      self.v_bias = layers.param(rngs, zeros, (k, h), ('kv_heads', 'head_dim'), param_dtype)
+    if cfg.qk_norm:
+      norm = dict(eps=cfg.norm_eps, rngs=rngs, plus_one=cfg.norm_plus_one, name='head_dim',
+                  param_dtype=param_dtype)
+      self.q_norm = layers.RMSNorm(h, **norm)
+      self.k_norm = layers.RMSNorm(h, **norm)
+    self.cfg = cfg
     self.implementation = implementation
 
-  def __call__(self, x: Float[Array, 'B T D'], sin, cos, segment_ids) -> Float[Array, 'B T D']:
-    q = layers.apply_rope(self.q(x), sin, cos)
-    k = layers.apply_rope(self.k(x), sin, cos)
-    v = self.v(x)
+  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids,
+               window) -> Float[Array, 'B T D']:
+    cfg = self.cfg
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if cfg.qkv_bias:
+      q = q + self.q_bias.get_value().astype(q.dtype)[None, None]
+      k = k + self.k_bias.get_value().astype(k.dtype)[None, None]
+      v = v + self.v_bias.get_value().astype(v.dtype)[None, None]
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    sin, cos = rope
+    q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
     q = sharding.constrain(q, ('batch', 'seq', 'heads', 'head_dim'))
-    out = layers.attention(q, k, v, segment_ids, implementation=self.implementation)
+    out = layers.attention(q, k, v, segment_ids, positions,
+                           scale=(cfg.query_scale or cfg.head_dim) ** -0.5, window=window,
+                           softcap=cfg.attn_softcap, implementation=self.implementation)
     return self.o(out)
 
 
 class Mlp(nnx.Module):
+  """Gated MLP: SwiGLU (Llama, Mistral, Qwen) or GeGLU (Gemma)."""
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
@@ -111,24 +165,32 @@ class Mlp(nnx.Module):
     self.gate = layers.Einsum('BTD,DF->BTF', (d, f), ('embed', 'mlp'), **kw)
     self.up = layers.Einsum('BTD,DF->BTF', (d, f), ('embed', 'mlp'), **kw)
     self.down = layers.Einsum('BTF,FD->BTD', (f, d), ('mlp', 'embed'), **kw)
+    self.activation = cfg.mlp_activation
 
   def __call__(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T D']:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl):
-    norm = dict(eps=cfg.norm_eps, rngs=rngs, param_dtype=param_dtype)
+    norm = dict(eps=cfg.norm_eps, rngs=rngs, plus_one=cfg.norm_plus_one, param_dtype=param_dtype)
     self.attn_norm = layers.RMSNorm(cfg.embed_dim, **norm)
     self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                           implementation=attention_impl)
     self.mlp_norm = layers.RMSNorm(cfg.embed_dim, **norm)
     self.mlp = Mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if cfg.post_norms:
+      self.attn_post_norm = layers.RMSNorm(cfg.embed_dim, **norm)
+      self.mlp_post_norm = layers.RMSNorm(cfg.embed_dim, **norm)
+    self.post_norms = cfg.post_norms
 
-  def __call__(self, x: Float[Array, 'B T D'], sin, cos, segment_ids) -> Float[Array, 'B T D']:
-    x = x + self.attn(self.attn_norm(x), sin, cos, segment_ids)
-    x = x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids,
+               window) -> Float[Array, 'B T D']:
+    y = self.attn(self.attn_norm(x), rope, positions, segment_ids, window)
+    x = x + (self.attn_post_norm(y) if self.post_norms else y)
+    y = self.mlp(self.mlp_norm(x))
+    x = x + (self.mlp_post_norm(y) if self.post_norms else y)
     return sharding.constrain(x, ('batch', 'seq', 'embed'))
 
 
@@ -161,7 +223,7 @@ class Llama(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, rngs=rngs,
-                                     param_dtype=param_dtype)
+                                     plus_one=cfg.norm_plus_one, param_dtype=param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = layers.Einsum('BTD,DV->BTV', (cfg.embed_dim, cfg.vocab_size),
                                    ('embed', 'vocab'), rngs=rngs, init_std=cfg.init_std,
@@ -174,28 +236,41 @@ class Llama(nnx.Module):
       segment_ids: Int[Array, 'B T'] | None = None,
   ) -> Float[Array, 'B T V']:
     """Logits for every position. Packed rows pass per-segment positions and segment ids."""
+    cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    sin, cos = self.cfg.rope.sin_cos(positions, self.cfg.head_dim)
+    is_global = np.array([cfg.is_global(i) for i in range(cfg.num_layers)])
+    global_rope = cfg.rope(True).sin_cos(positions, cfg.head_dim)
+    local_rope = cfg.rope(False).sin_cos(positions, cfg.head_dim)
     table = self.embed.get_value()
     # Gather from a table replicated along vocab: XLA cannot partition a gather whose
     # operand is split on the gathered axis without replicating it first.
     lookup = sharding.constrain(table, (None, 'embed'))
     x = jnp.take(lookup, tokens, axis=0).astype(self.dtype)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.embed_dim**0.5, dtype=self.dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'embed'))
 
-    def layer(block: Block, x):
-      return block(x, sin, cos, segment_ids)
+    def layer(block: Block, x, layer_is_global):
+      if is_global.all():
+        rope, window = global_rope, None
+      else:
+        rope = jax.tree.map(lambda g, l: jnp.where(layer_is_global, g, l), global_rope, local_rope)
+        window = jnp.where(layer_is_global, tokens.shape[1] + 1, cfg.sliding_window)
+      return block(x, rope, positions, segment_ids, window)
 
     if self.remat != 'none':
       layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    x = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                 transform_metadata={nnx.PARTITION_NAME: 'layers'})(self.blocks, x)
+    x = nnx.scan(layer, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                 transform_metadata={nnx.PARTITION_NAME: 'layers'})(
+                     self.blocks, x, jnp.asarray(is_global))
     x = self.final_norm(x)
-    if self.cfg.tie_embeddings:
+    if cfg.tie_embeddings:
       logits = jnp.einsum('BTD,VD->BTV', x, table.astype(self.dtype))
     else:
       logits = self.lm_head(x)
+    if cfg.final_softcap:
+      logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     return sharding.constrain(logits, ('batch', 'seq', 'vocab'))
