@@ -1,0 +1,64 @@
+"""The Python API for Hugging Face folders: load_pretrained, load_tokenizer, save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax import sharding, tokenizer, weights
+from ftjax.models import llama
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def abstract_model(cfg: llama.Config, **options: Any) -> tuple[Any, Any]:
+  """The graph and the abstract (shape-only) state of a model, allocating nothing."""
+  return nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0), **options)))
+
+
+def load_params(path: str, cfg: llama.Config, abstract_state: Any, mesh: jax.sharding.Mesh,
+                rules: dict) -> Any:
+  """The checkpoint's weights as sharded arrays laid out by `rules` on `mesh`."""
+  shardings = sharding.state_shardings(abstract_state, mesh, rules)
+  return weights.load_state(weights.Folder(path), cfg, abstract_state, shardings)
+
+
+def read_config(path: str) -> llama.Config:
+  """The ftjax architecture of the Hugging Face folder `path`."""
+  return weights.config_from_hf(weights.Folder(path).hf_config)
+
+
+def load_pretrained(path: str, dtype: str | Any = 'float32',
+                    mesh: jax.sharding.Mesh | None = None, rules: str = 'fsdp_tp') -> llama.Llama:
+  """A model with the weights of the Hugging Face folder `path`; `model(input_ids)` -> logits.
+
+  Args:
+    path: folder with config.json and *.safetensors (an index for several shards).
+    dtype: parameter and compute dtype ('float32', 'bfloat16' or a jnp dtype).
+    mesh: where to place the weights; default: all devices, fully sharded (FSDP).
+    rules: the logical-to-mesh rule set (`ftjax.sharding.RULES`).
+  """
+  dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+  mesh = mesh if mesh is not None else sharding.make_mesh((1, -1, 1))
+  folder = weights.Folder(path)
+  cfg = weights.config_from_hf(folder.hf_config)
+  graphdef, abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
+  shardings = sharding.state_shardings(abstract, mesh, sharding.get_rules(rules))
+  return nnx.merge(graphdef, weights.load_state(folder, cfg, abstract, shardings))
+
+
+def load_tokenizer(path: str) -> tokenizer.Tokenizer:
+  """The tokenizer of a Hugging Face folder (tokenizer.json), or the built-in 'byte' one."""
+  return tokenizer.load(path)
+
+
+def save_pretrained(model: llama.Llama, out_dir: str, *, dtype: str = 'bfloat16',
+                    tokenizer_dir: str | None = None) -> None:
+  """Writes `model` as a Hugging Face folder that `transformers` and vLLM load."""
+  weights.save(nnx.state(model, nnx.Param), model.cfg, out_dir, dtype=dtype,
+               tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir)
+               else None)

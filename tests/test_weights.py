@@ -1,0 +1,158 @@
+"""Hugging Face checkpoints in and out, proven by logits parity with `transformers`."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ftjax
+from ftjax import sharding, weights
+
+COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256, rms_norm_eps=1e-6)
+GEMMA3_ROPE = {'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
+               'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}
+# Soft-caps, windows and rope settings are set small enough to change the logits here.
+CASES = {
+    'llama': ('llama', dict(tie_word_embeddings=False)),
+    'llama3_mha_tied': ('llama', dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                      rope_parameters={'rope_type': 'llama3', 'factor': 32.0,
+                                                       'low_freq_factor': 1.0,
+                                                       'high_freq_factor': 4.0, 'rope_theta': 5e5,
+                                                       'original_max_position_embeddings': 16})),
+    'mistral': ('mistral', dict(sliding_window=8)),
+    'qwen2': ('qwen2', dict()),
+    'qwen3': ('qwen3', dict()),
+    'gemma': ('gemma', dict(num_key_value_heads=1)),
+    'gemma2': ('gemma2', dict(sliding_window=8, attn_logit_softcapping=0.1,
+                              final_logit_softcapping=5.0, query_pre_attn_scalar=24)),
+    'gemma3': ('gemma3_text', dict(sliding_window=8, query_pre_attn_scalar=24,
+                                   layer_types=['sliding_attention', 'full_attention'],
+                                   rope_parameters=GEMMA3_ROPE)),
+}
+
+
+def make_hf(case: str, folder: str, max_shard_size: str = '5GB'):
+  """A tiny random HF model with every norm and bias perturbed, saved as safetensors."""
+  model_type, extra = CASES[case]
+  config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra})
+  config._attn_implementation = 'eager'
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name or 'bias' in name:
+        p.add_(0.2 * torch.randn_like(p))
+  model.save_pretrained(folder, max_shard_size=max_shard_size)
+  return model
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+def greedy(step, tokens, n):
+  for _ in range(n):
+    nxt = np.argmax(step(tokens)[:, -1], axis=-1)
+    tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+  return tokens[:, -n:]
+
+
+TOKENS = np.random.default_rng(0).integers(0, 160, size=(2, 40))
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_logits_and_greedy_tokens_match_transformers(case, tmp_path):
+  hf = make_hf(case, str(tmp_path), max_shard_size='40KB')  # several shards + an index
+  assert os.path.isfile(tmp_path / weights.INDEX)
+  model = ftjax.load_pretrained(str(tmp_path), dtype='float32')
+  got = np.asarray(model(jnp.asarray(TOKENS)))
+  want = hf_logits(hf, TOKENS)
+  diff = float(np.max(np.abs(got - want)))
+  print(f'{case}: max |logit diff| = {diff:.2e}')
+  assert diff <= 1e-4
+  ours = greedy(lambda t: np.asarray(model(jnp.asarray(t))), TOKENS[:, :12], 6)
+  theirs = greedy(lambda t: hf_logits(hf, t), TOKENS[:, :12], 6)
+  np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize('case', ['llama3_mha_tied', 'qwen2', 'gemma2', 'gemma3'])
+def test_export_round_trip_loads_in_transformers(case, tmp_path):
+  hf = make_hf(case, str(tmp_path / 'in'))
+  model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
+  ftjax.save_pretrained(model, str(tmp_path / 'out'), dtype='float32')
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'),
+                                                           attn_implementation='eager').eval()
+  np.testing.assert_allclose(hf_logits(back, TOKENS), hf_logits(hf, TOKENS), atol=1e-5)
+  assert set(back.state_dict()) == set(hf.state_dict())
+
+
+def test_sharded_load_equals_single_device_load(tmp_path):
+  make_hf('gemma3', str(tmp_path))
+  one = ftjax.load_pretrained(str(tmp_path), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  eight = ftjax.load_pretrained(str(tmp_path), mesh=sharding.make_mesh((1, 4, 2)))
+  q = eight.blocks.attn.q.w.get_value()
+  assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
+  np.testing.assert_allclose(np.asarray(eight(jnp.asarray(TOKENS))),
+                             np.asarray(one(jnp.asarray(TOKENS))), atol=1e-5)
+
+
+def test_bf16_load_keeps_bf16_weights(tmp_path):
+  make_hf('llama', str(tmp_path))
+  model = ftjax.load_pretrained(str(tmp_path), dtype='bfloat16')
+  assert model.embed.get_value().dtype == jnp.bfloat16
+  assert model(jnp.asarray(TOKENS)).dtype == jnp.bfloat16
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+  make_hf('llama', str(tmp_path))
+  config = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**config, 'model_type': 'falcon'}))
+  with pytest.raises(weights.CheckpointError, match="model_type 'falcon' is not supported"):
+    ftjax.load_pretrained(str(tmp_path))
+  (tmp_path / 'config.json').write_text(json.dumps({**config, 'mlp_bias': True}))
+  with pytest.raises(weights.CheckpointError, match='mlp_bias=True is not supported'):
+    ftjax.load_pretrained(str(tmp_path))
+  rope = {'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4}
+  (tmp_path / 'config.json').write_text(json.dumps({**config, 'rope_parameters': rope}))
+  with pytest.raises(weights.CheckpointError, match="rope_type 'yarn' is not supported"):
+    ftjax.load_pretrained(str(tmp_path))
+
+
+def test_shape_mismatch_names_file_and_tensor(tmp_path):
+  make_hf('llama', str(tmp_path))
+  config = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 128}))
+  with pytest.raises(weights.CheckpointError,
+                     match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' has "
+                           r'shape \(\d+, \d+\), but config.json implies'):
+    ftjax.load_pretrained(str(tmp_path))
+
+
+def test_truncated_and_missing_shards_name_the_file(tmp_path):
+  make_hf('llama', str(tmp_path), max_shard_size='40KB')
+  index = json.loads((tmp_path / weights.INDEX).read_text())
+  files = sorted(set(index['weight_map'].values()))
+  data = (tmp_path / files[-1]).read_bytes()
+  (tmp_path / files[-1]).write_bytes(data[: len(data) // 2])
+  with pytest.raises(weights.CheckpointError, match=rf'{files[-1]}.*truncated'):
+    ftjax.load_pretrained(str(tmp_path))
+  (tmp_path / files[-1]).write_bytes(data)
+  os.remove(tmp_path / files[0])
+  with pytest.raises(weights.CheckpointError, match=rf'{files[0]}: listed in .* but missing'):
+    ftjax.load_pretrained(str(tmp_path))
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+  make_hf('llama', str(tmp_path))
+  os.remove(tmp_path / 'model.safetensors')
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'not unpickled')
+  with pytest.raises(weights.CheckpointError, match='never unpickles.*convert them to safetensors'):
+    ftjax.load_pretrained(str(tmp_path))
