@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = dict(
       train_path='',  # JSONL of {"text"} or {"prompt", "completion"} records
       eval_path='',  # held-out JSONL, same format; '' = no evaluation
-      tokenizer='byte',  # 'byte' (built in) | a tokenizer.json | a folder holding one
+      tokenizer='',  # '' = model.pretrained's, else 'byte' (built in) | tokenizer.json | folder
       seq_len=512,
       global_batch=8,  # rows per optimizer step, over all hosts
       train_on='completion',  # completion | all: which tokens of prompt/completion records count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -13,11 +14,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override keys with --config.<section>.<key>=v.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: metrics, TensorBoard, config.json.')
+_OUT = flags.DEFINE_string('out', None, 'export: the Hugging Face folder to write.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
+                           'export: dtype of the written weights.')
 
 USAGE = """usage: ftjax COMMAND [flags]
 
 commands:
   train   fine-tune a model: ftjax train --config configs/demo.py --workdir /tmp/demo
+  export  write a run as a Hugging Face folder: ftjax export --workdir RUN --out HF_DIR
 """
 
 
@@ -73,11 +78,27 @@ def _train(argv: list[str]) -> None:
     _fail('--workdir is required: the directory for metrics, TensorBoard and config.json')
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, train.data.DataError) as e:
+  except (train.ConfigError, train.data.DataError, train.weights.CheckpointError) as e:
     _fail(str(e))
 
 
-COMMANDS = {'train': _train}
+def _export(argv: list[str]) -> None:
+  from ftjax import pretrained
+
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value or not _OUT.value:
+    _fail('usage: ftjax export --workdir RUN --out HF_DIR [--dtype bfloat16|float32]')
+  if not os.path.isfile(os.path.join(_WORKDIR.value, 'config.json')):
+    _fail(f'--workdir={_WORKDIR.value!r} holds no config.json: not an ftjax run directory')
+  try:
+    out = pretrained.export(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value)
+  except FileNotFoundError as e:
+    _fail(str(e))
+  print(f'exported {_WORKDIR.value} -> {out}')
+
+
+COMMANDS = {'train': _train, 'export': _export}
 
 
 def main() -> None:

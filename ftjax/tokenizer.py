@@ -1,11 +1,20 @@
-"""Tokenizers: a built-in byte-level one, or a Hugging Face `tokenizer.json`."""
+"""Tokenizers: the built-in byte-level one, a Hugging Face `tokenizer.json`, or SentencePiece.
+
+Chat templates (Jinja, from `tokenizer_config.json`) are rendered in a sandboxed environment:
+templates come from downloaded folders and must not run arbitrary code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections.abc import Callable
+from typing import Any
 
+import jinja2
 import tokenizers
+from jinja2 import sandbox
 from tokenizers import decoders, models, pre_tokenizers
 
 BYTE = 'byte'
@@ -16,22 +25,78 @@ _PAD_NAMES = ('<pad>', '<|finetune_right_pad_id|>', '<|pad|>')
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
-  """A `tokenizers.Tokenizer` with its special ids."""
+  """Text <-> token ids, with the special ids and chat template the data pipeline needs."""
 
-  backend: tokenizers.Tokenizer
+  encode_fn: Callable[[str], list[int]]
+  decode_fn: Callable[[list[int]], str]
+  vocab_size: int
   bos_id: int | None
   eos_id: int
   pad_id: int
-
-  @property
-  def vocab_size(self) -> int:
-    return self.backend.get_vocab_size(with_added_tokens=True)
+  bos_token: str = ''
+  eos_token: str = ''
+  chat_template: str | None = None
+  source: str = BYTE  # 'byte' or the folder/file it was loaded from
+  backend: tokenizers.Tokenizer | None = None
 
   def encode(self, text: str) -> list[int]:
-    return self.backend.encode(text, add_special_tokens=False).ids
+    return self.encode_fn(text)
 
   def decode(self, ids: list[int]) -> str:
-    return self.backend.decode(ids, skip_special_tokens=True)
+    return self.decode_fn(list(ids))
+
+  def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                          add_generation_prompt: bool = False) -> str:
+    """Renders `messages` ([{'role': ..., 'content': ...}]) with the folder's chat template."""
+    if not self.chat_template:
+      raise ValueError(f'{self.source}: this tokenizer has no chat_template')
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+      raise jinja2.TemplateError(message)
+
+    env.globals['raise_exception'] = raise_exception
+    return env.from_string(self.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=self.bos_token, eos_token=self.eos_token)
+
+  def save(self, out_dir: str) -> None:
+    """Writes tokenizer files that `transformers.AutoTokenizer` loads."""
+    os.makedirs(out_dir, exist_ok=True)
+    if self.backend is None:
+      raise ValueError(f'{self.source}: only tokenizer.json tokenizers can be saved')
+    self.backend.save(os.path.join(out_dir, 'tokenizer.json'))
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': self.eos_token,
+              'bos_token': self.bos_token or None,
+              'pad_token': self.backend.id_to_token(self.pad_id)}
+    if self.chat_template:
+      config['chat_template'] = self.chat_template
+    with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
+
+
+def _from_backend(backend: tokenizers.Tokenizer, source: str, bos: str | None, eos: str | None,
+                  pad: str | None, chat_template: str | None) -> Tokenizer:
+  vocab = backend.get_vocab(with_added_tokens=True)
+
+  def find(explicit, names):
+    if explicit is not None:
+      if explicit not in vocab:
+        raise ValueError(f'{source}: special token {explicit!r} is not in the vocabulary')
+      return explicit
+    return next((n for n in names if n in vocab), None)
+
+  bos, eos, pad = find(bos, _BOS_NAMES), find(eos, _EOS_NAMES), find(pad, _PAD_NAMES)
+  if eos is None:
+    raise ValueError(f'{source}: no end-of-sequence token found (looked for {_EOS_NAMES}); '
+                     'set eos_token in tokenizer_config.json')
+  return Tokenizer(
+      encode_fn=lambda text: backend.encode(text, add_special_tokens=False).ids,
+      decode_fn=lambda ids: backend.decode(ids, skip_special_tokens=True),
+      vocab_size=backend.get_vocab_size(with_added_tokens=True),
+      bos_id=vocab[bos] if bos else None, eos_id=vocab[eos], pad_id=vocab[pad or eos],
+      bos_token=bos or '', eos_token=eos, chat_template=chat_template, source=source,
+      backend=backend)
 
 
 def byte_level() -> Tokenizer:
@@ -44,7 +109,7 @@ def byte_level() -> Tokenizer:
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
   backend.decoder = decoders.ByteLevel()
   backend.add_special_tokens(['<pad>', '<bos>', '<eos>'])
-  return Tokenizer(backend, bos_id=1, eos_id=2, pad_id=0)
+  return _from_backend(backend, BYTE, '<bos>', '<eos>', '<pad>', None)
 
 
 def _gpt2_byte_map() -> dict[str, int]:
@@ -64,24 +129,48 @@ def _gpt2_byte_map() -> dict[str, int]:
 _BYTE_OF_CHAR = _gpt2_byte_map()
 
 
+def _token_text(value: Any) -> str | None:
+  return value.get('content') if isinstance(value, dict) else value
+
+
 def load(spec: str) -> Tokenizer:
-  """'byte' for the built-in tokenizer, or a `tokenizer.json` file or a folder holding one."""
+  """'byte', a tokenizer.json file, or a folder with tokenizer.json or a SentencePiece model."""
   if spec == BYTE:
     return byte_level()
+  folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
+  config: dict[str, Any] = {}
+  if os.path.isfile(os.path.join(folder, 'tokenizer_config.json')):
+    with open(os.path.join(folder, 'tokenizer_config.json')) as f:
+      config = json.load(f)
+  template = config.get('chat_template')
+  if os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
+    with open(os.path.join(folder, 'chat_template.jinja')) as f:
+      template = f.read()
+  special = {k: _token_text(config.get(k)) for k in ('bos_token', 'eos_token', 'pad_token')}
   path = os.path.join(spec, 'tokenizer.json') if os.path.isdir(spec) else spec
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f'data.tokenizer={spec!r}: no tokenizer.json found there; pass {BYTE!r} for the '
-        'built-in byte-level tokenizer, a tokenizer.json file, or a folder holding one.'
-    )
-  backend = tokenizers.Tokenizer.from_file(path)
-  vocab = backend.get_vocab(with_added_tokens=True)
+  if os.path.isfile(path) and path.endswith('.json'):
+    return _from_backend(tokenizers.Tokenizer.from_file(path), spec, special['bos_token'],
+                         special['eos_token'], special['pad_token'], template)
+  sp_path = os.path.join(folder, 'tokenizer.model') if os.path.isdir(spec) else spec
+  if os.path.isfile(sp_path):
+    return _sentencepiece(sp_path, special, template)
+  raise FileNotFoundError(
+      f'data.tokenizer={spec!r}: no tokenizer.json or tokenizer.model found there; pass '
+      f'{BYTE!r} for the built-in byte-level tokenizer, a tokenizer.json file, or a folder.')
 
-  def find(names):
-    return next((vocab[n] for n in names if n in vocab), None)
 
-  eos = find(_EOS_NAMES)
+def _sentencepiece(path: str, special: dict[str, str | None], template: str | None) -> Tokenizer:
+  import sentencepiece
+
+  sp = sentencepiece.SentencePieceProcessor(model_file=path)
+  piece = lambda i: sp.id_to_piece(i) if i >= 0 else None
+  bos = special['bos_token'] or piece(sp.bos_id())
+  eos = special['eos_token'] or piece(sp.eos_id())
   if eos is None:
-    raise ValueError(f'{path}: no end-of-sequence token found (looked for {_EOS_NAMES}).')
-  pad = find(_PAD_NAMES)
-  return Tokenizer(backend, bos_id=find(_BOS_NAMES), eos_id=eos, pad_id=eos if pad is None else pad)
+    raise ValueError(f'{path}: the SentencePiece model defines no end-of-sequence token')
+  pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.piece_to_id(eos)
+  return Tokenizer(encode_fn=lambda text: sp.encode(text), decode_fn=lambda ids: sp.decode(ids),
+                   vocab_size=sp.get_piece_size(),
+                   bos_id=sp.piece_to_id(bos) if bos else None, eos_id=sp.piece_to_id(eos),
+                   pad_id=pad_id, bos_token=bos or '', eos_token=eos, chat_template=template,
+                   source=path)

@@ -20,10 +20,21 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftjax import data, losses, metrics, models, optim, sharding, tokenizer
+from ftjax import (
+  checkpoint,
+  data,
+  losses,
+  metrics,
+  models,
+  optim,
+  pretrained,
+  sharding,
+  tokenizer,
+  weights,
+)
 from ftjax.models import llama
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = pretrained.DTYPES
 
 
 class ConfigError(ValueError):
@@ -109,9 +120,18 @@ class Trainer:
 
 
 def model_config(model: ml_collections.ConfigDict) -> llama.Config:
-  """The architecture: `model.preset` plus any architecture field set in the config."""
+  """The architecture: the pretrained folder's, or `model.preset` plus any field set."""
   fields = {f.name for f in dataclasses.fields(llama.Config)}
   overrides = {k: v for k, v in model.items() if k in fields}
+  if model.pretrained:
+    changed = sorted(k for k, v in overrides.items() if v is not None)
+    if changed:
+      raise ConfigError(f'model.{changed[0]} cannot be overridden when model.pretrained is set: '
+                        'the architecture comes from its config.json')
+    try:
+      return pretrained.read_config(model.pretrained)
+    except weights.CheckpointError as e:
+      raise ConfigError(f'model.pretrained: {e}') from None
   try:
     return models.config_from_preset(model.preset, overrides)
   except (KeyError, ValueError) as e:
@@ -120,8 +140,8 @@ def model_config(model: ml_collections.ConfigDict) -> llama.Config:
 
 def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
           optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
-          devices=None) -> Trainer:
-  """Mesh -> abstract model -> shardings -> sharded init -> compiled steps."""
+          pretrained_path: str = '', devices=None) -> Trainer:
+  """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps."""
   try:
     mesh = sharding.make_mesh(mesh_shape, devices)
     rules = sharding.get_rules(rules_name)
@@ -134,8 +154,13 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
         f'mesh {dict(mesh.shape)} times optim.grad_accum={grad_accum} '
         f'(= {shards * grad_accum}).')
   with sharding.use(mesh, rules):
-    model = sharding.create_sharded(
-        lambda: llama.Llama(arch, rngs=nnx.Rngs(seed), **model_options), mesh, rules)
+    if pretrained_path:
+      graphdef, abstract = pretrained.abstract_model(arch, **model_options)
+      model = nnx.merge(graphdef, pretrained.load_params(pretrained_path, arch, abstract, mesh,
+                                                         rules))
+    else:
+      model = sharding.create_sharded(
+          lambda: llama.Llama(arch, rngs=nnx.Rngs(seed), **model_options), mesh, rules)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   tx, lr_fn = optim.make(**optim_kwargs)
 
@@ -168,6 +193,11 @@ def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]]) -> dict[str
   return dict(eval_loss=loss, eval_perplexity=float(np.exp(min(loss, 80.0))),
               eval_accuracy=float(totals['exact']) / max(float(totals['examples']), 1.0),
               eval_examples=int(totals['examples']))
+
+
+def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
+  """data.tokenizer, else the pretrained folder's tokenizer, else the built-in byte one."""
+  return config.data.tokenizer or config.model.pretrained or tokenizer.BYTE
 
 
 def _optim_kwargs(o: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
@@ -209,6 +239,8 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f'{key}={value} must be >= 1')
+  if config.model.pretrained and not os.path.isdir(config.model.pretrained):
+    raise ConfigError(f'model.pretrained={config.model.pretrained!r}: folder not found')
   if not config.data.train_path:
     raise ConfigError('data.train_path is empty: point it at a JSONL file of training records')
   for key in ('train_path', 'eval_path'):
@@ -222,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains as `config` says, writing metrics, TensorBoard and config.json into `workdir`."""
   arch = validate(config)
   c_data, c_train, c_model = config.data, config.train, config.model
-  tok = tokenizer.load(c_data.tokenizer)
+  tok = tokenizer.load(tokenizer_spec(config))
   if tok.vocab_size > arch.vocab_size:
     raise ConfigError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size is '
                       f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
@@ -237,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          remat=c_model.remat, attention_impl=c_model.attention),
       mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
       optim_kwargs=_optim_kwargs(config.optim, c_train.steps), grad_accum=config.optim.grad_accum,
-      global_batch=c_data.global_batch, seed=c_train.seed)
+      global_batch=c_data.global_batch, seed=c_train.seed, pretrained_path=c_model.pretrained)
   train_iter = data.train_batches(c_data.train_path, tok, seq_len=c_data.seq_len,
                                   global_batch=c_data.global_batch, seed=c_train.seed,
                                   train_on=c_data.train_on)
@@ -275,6 +307,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           logged.update(last_eval)
         writer.write(step, logged)
   wall = time.perf_counter() - start
+  checkpoint.save_params(workdir, c_train.steps, trainer.state.params)
   summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
                  train_step_compiles=trainer.train_step._cache_size())
   line = f'done: {c_train.steps} steps in {wall:.1f}s, final train loss {summary["final_loss"]:.4f}'

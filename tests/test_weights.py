@@ -38,10 +38,10 @@ CASES = {
 }
 
 
-def make_hf(case: str, folder: str, max_shard_size: str = '5GB'):
+def make_hf(case: str, folder: str, max_shard_size: str = '5GB', **overrides):
   """A tiny random HF model with every norm and bias perturbed, saved as safetensors."""
   model_type, extra = CASES[case]
-  config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra})
+  config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra, **overrides})
   config._attn_implementation = 'eager'
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(config).eval()
