@@ -90,8 +90,10 @@ def config_from_hf(hf: dict[str, Any]) -> llama.Config:
     raise CheckpointError(f'config.json: activation {activation!r} is not supported')
   changes_the_math = {
       'mlp_bias': False, 'use_bidirectional_attention': False, 'use_sliding_window': False,
-      'attention_bias': family == 'qwen2', 'pretraining_tp': 1,
+      'attention_bias': family == 'qwen2', 'pretraining_tp': 1, 'partial_rotary_factor': 1.0,
   }
+  if family not in ('gemma2', 'gemma3_text'):
+    changes_the_math.update(attn_logit_softcapping=None, final_logit_softcapping=None)
   if family == 'qwen2':
     changes_the_math['attention_bias'] = hf.get('attention_bias', True)
   for key, expected in changes_the_math.items():

@@ -1,5 +1,7 @@
 """The minimal JSONL data path: validation, masking, shifting, per-host batches."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,24 @@ def test_eval_batches_cover_every_example_once(tmp_path):
   assert len(batches) == 3
   real_rows = sum(int((b['loss_mask'].sum(axis=1) > 0).sum()) for b in batches)
   assert real_rows == 11
+
+
+def test_chat_template_renders_sandboxed(tmp_path):
+  import jinja2
+  from test_pretrained_run import add_bpe_tokenizer
+
+  add_bpe_tokenizer(str(tmp_path), ['hello world, how are you?'] * 20)
+  config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
+  config['chat_template'] = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+                             "{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(config))
+  tok = tokenizer.load(str(tmp_path))
+  messages = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
+  assert tok.apply_chat_template(messages) == '<s><|user|>hi</s><|assistant|>hello</s>'
+  assert tok.apply_chat_template(messages[:1], add_generation_prompt=True).endswith(
+      '<|assistant|>')
+  hostile = dict(config, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(hostile))
+  with pytest.raises(jinja2.exceptions.SecurityError):
+    tokenizer.load(str(tmp_path)).apply_chat_template(messages)
