@@ -163,9 +163,17 @@ def config_to_hf(cfg: llama.Config, dtype: str) -> dict[str, Any]:
       'head_dim': cfg.head_dim, 'intermediate_size': cfg.mlp_dim, 'rms_norm_eps': cfg.norm_eps,
       'tie_word_embeddings': cfg.tie_embeddings, 'initializer_range': cfg.init_std,
       'dtype': dtype, 'rope_parameters': rope,
+      # The 4.x keys too, for readers (older transformers, vLLM) that predate rope_parameters.
+      'rope_theta': cfg.rope_theta, 'torch_dtype': dtype,
       ('hidden_activation' if gemma else 'hidden_act'):
           {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh'}[cfg.mlp_activation],
   }
+  if rope['rope_type'] != 'default' and cfg.family != 'gemma3_text':
+    hf['rope_scaling'] = {k: v for k, v in rope.items() if k != 'rope_theta'}
+  if cfg.family == 'gemma3_text':
+    hf['rope_local_base_freq'] = cfg.rope_local_theta or cfg.rope_theta
+    if rope['rope_type'] != 'default':
+      hf['rope_scaling'] = {k: v for k, v in rope.items() if k != 'rope_theta'}
   if cfg.family == 'qwen2':
     hf['use_sliding_window'] = False
   if cfg.family == 'mistral':

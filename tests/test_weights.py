@@ -156,3 +156,15 @@ def test_pickle_only_folder_is_refused(tmp_path):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not unpickled')
   with pytest.raises(weights.CheckpointError, match='never unpickles.*convert them to safetensors'):
     ftjax.load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_config_json_round_trips(case):
+  model_type, extra = CASES[case]
+  hf_config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra}).to_dict()
+  cfg = weights.config_from_hf(hf_config)
+  assert weights.config_from_hf(weights.config_to_hf(cfg, 'bfloat16')) == cfg
+  # The keys of transformers 4.x (rope_theta, rope_scaling) say the same as rope_parameters.
+  legacy = {k: v for k, v in weights.config_to_hf(cfg, 'bfloat16').items()
+            if k != 'rope_parameters'}
+  assert weights.config_from_hf(legacy) == cfg
