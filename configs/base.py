@@ -1,6 +1,6 @@
 """Every config key of ftjax with its default. Experiment configs import this and override a few.
 
-  ftjax train --config configs/base.py --config.data.train_path=train.jsonl --workdir /tmp/run
+  ftjax train --config configs/base.py --config.data.path=train.jsonl --workdir /tmp/run
 """
 
 import dataclasses
@@ -28,13 +28,20 @@ def get_config() -> ml_collections.ConfigDict:
   for field in dataclasses.fields(llama.Config):
     c.model[field.name] = config_dict.placeholder(_TYPES[field.type])
   c.data = dict(
-      train_path='',  # JSONL of {"text"} or {"prompt", "completion"} records
-      eval_path='',  # held-out JSONL, same format; '' = no evaluation
+      path='',  # shorthand for one source: .jsonl(.gz) | .json | .parquet | .array_record | tfds://
+      sources=[],  # [{'path': ..., 'weight': 1.0, 'format': 'auto', 'split': ''}, ...]: a mixture
+      eval_path='',  # held-out data, same formats; '' = no evaluation
       tokenizer='',  # '' = model.pretrained's, else 'byte' (built in) | tokenizer.json | folder
+      chat_template='',  # '' = the tokenizer's (else chatml) | 'chatml' | a Jinja template
       seq_len=512,
       global_batch=8,  # rows per optimizer step, over all hosts
-      train_on='completion',  # completion | all: which tokens of prompt/completion records count
-      max_eval_examples=-1,  # -1 = the whole eval file
+      pack=True,  # pack several documents per row (segment ids keep them apart)
+      train_on='assistant',  # assistant (= completion) | all: which tokens count in the loss
+      on_bad_record='error',  # error | skip (counted per reason in skipped_records)
+      on_too_long='truncate',  # truncate | skip | error
+      workers=0,  # grain worker processes for tokenizing and packing (0 = in the main process)
+      tfds_data_dir='',  # where tfds:// datasets were prepared
+      max_eval_examples=-1,  # -1 = the whole eval set
   )
   c.optim = dict(
       lr=1e-4,

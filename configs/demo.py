@@ -16,8 +16,8 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def get_config():
   c = base.get_config()
   c.model.update(preset='tiny', vocab_size=259, embed_dim=128, mlp_dim=512, num_layers=2)
-  c.data.update(train_path=os.path.join(DATA, 'train.jsonl'),
-                eval_path=os.path.join(DATA, 'eval.jsonl'), seq_len=16, global_batch=64)
+  c.data.update(path=os.path.join(DATA, 'train.jsonl'), eval_path=os.path.join(DATA, 'eval.jsonl'),
+                tokenizer='byte', seq_len=16, global_batch=64, pack=False)
   c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.01)
   c.train.update(steps=1000, log_every=50, eval_every=250)
   return c

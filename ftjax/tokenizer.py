@@ -28,6 +28,7 @@ class Tokenizer:
   """Text <-> token ids, with the special ids and chat template the data pipeline needs."""
 
   encode_fn: Callable[[str], list[int]]
+  offsets_fn: Callable[[str], tuple[list[int], list[tuple[int, int]]]]
   decode_fn: Callable[[list[int]], str]
   vocab_size: int
   bos_id: int | None
@@ -44,6 +45,10 @@ class Tokenizer:
 
   def decode(self, ids: list[int]) -> str:
     return self.decode_fn(list(ids))
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids with the (start, end) character span of each; special tokens in `text` count."""
+    return self.offsets_fn(text)
 
   def apply_chat_template(self, messages: list[dict[str, Any]], *,
                           add_generation_prompt: bool = False) -> str:
@@ -90,8 +95,13 @@ def _from_backend(backend: tokenizers.Tokenizer, source: str, bos: str | None, e
   if eos is None:
     raise ValueError(f'{source}: no end-of-sequence token found (looked for {_EOS_NAMES}); '
                      'set eos_token in tokenizer_config.json')
+  def offsets(text):
+    enc = backend.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
   return Tokenizer(
       encode_fn=lambda text: backend.encode(text, add_special_tokens=False).ids,
+      offsets_fn=offsets,
       decode_fn=lambda ids: backend.decode(ids, skip_special_tokens=True),
       vocab_size=backend.get_vocab_size(with_added_tokens=True),
       bos_id=vocab[bos] if bos else None, eos_id=vocab[eos], pad_id=vocab[pad or eos],
@@ -169,7 +179,13 @@ def _sentencepiece(path: str, special: dict[str, str | None], template: str | No
   if eos is None:
     raise ValueError(f'{path}: the SentencePiece model defines no end-of-sequence token')
   pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.piece_to_id(eos)
-  return Tokenizer(encode_fn=lambda text: sp.encode(text), decode_fn=lambda ids: sp.decode(ids),
+
+  def offsets(text):
+    proto = sp.encode(text, out_type='immutable_proto')
+    return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
+
+  return Tokenizer(encode_fn=lambda text: sp.encode(text), offsets_fn=offsets,
+                   decode_fn=lambda ids: sp.decode(ids),
                    vocab_size=sp.get_piece_size(),
                    bos_id=sp.piece_to_id(bos) if bos else None, eos_id=sp.piece_to_id(eos),
                    pad_id=pad_id, bos_token=bos or '', eos_token=eos, chat_template=template,

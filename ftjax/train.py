@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import logging
 import os
@@ -227,7 +228,9 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
       'model.remat': (config.model.remat, ('none', *llama.REMAT_POLICIES)),
       'model.attention': (config.model.attention, ('xla', 'cudnn')),
       'optim.schedule': (config.optim.schedule, ('cosine', 'linear', 'constant')),
-      'data.train_on': (config.data.train_on, ('completion', 'all')),
+      'data.train_on': (config.data.train_on, ('assistant', 'completion', 'all')),
+      'data.on_bad_record': (config.data.on_bad_record, ('error', 'skip')),
+      'data.on_too_long': (config.data.on_too_long, ('truncate', 'skip', 'error')),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
@@ -241,13 +244,34 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
       raise ConfigError(f'{key}={value} must be >= 1')
   if config.model.pretrained and not os.path.isdir(config.model.pretrained):
     raise ConfigError(f'model.pretrained={config.model.pretrained!r}: folder not found')
-  if not config.data.train_path:
-    raise ConfigError('data.train_path is empty: point it at a JSONL file of training records')
-  for key in ('train_path', 'eval_path'):
-    path = config.data[key]
-    if path and not os.path.isfile(path):
-      raise ConfigError(f'data.{key}={path!r}: file not found')
+  for source in train_sources(config.data) + eval_sources(config.data):
+    if not source.path.startswith(('tfds://', 'gs://')) and not glob.glob(source.path + '*'):
+      raise ConfigError(f'data source {source.path!r}: file not found')
   return model_config(config.model)
+
+
+def train_sources(c_data: ml_collections.ConfigDict) -> list[data.Source]:
+  """`data.sources`, or the one-source shorthand `data.path`."""
+  if c_data.path and c_data.sources:
+    raise ConfigError('set data.path (one source) or data.sources (a mixture), not both')
+  if not c_data.path and not c_data.sources:
+    raise ConfigError('no training data: set data.path=FILE or data.sources=[{"path": ...}]')
+  entries = [c_data.path] if c_data.path else list(c_data.sources)
+  try:
+    return [data.Source.parse(e, f'data.sources[{i}]') for i, e in enumerate(entries)]
+  except data.DataError as e:
+    raise ConfigError(str(e)) from None
+
+
+def eval_sources(c_data: ml_collections.ConfigDict) -> list[data.Source]:
+  return [data.Source(c_data.eval_path)] if c_data.eval_path else []
+
+
+def data_options(config: ml_collections.ConfigDict) -> data.Options:
+  c = config.data
+  return data.Options(tokenizer=tokenizer_spec(config), seq_len=c.seq_len, train_on=c.train_on,
+                      chat_template=c.chat_template, on_bad_record=c.on_bad_record,
+                      on_too_long=c.on_too_long, tfds_data_dir=c.tfds_data_dir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -270,11 +294,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
       optim_kwargs=_optim_kwargs(config.optim, c_train.steps), grad_accum=config.optim.grad_accum,
       global_batch=c_data.global_batch, seed=c_train.seed, pretrained_path=c_model.pretrained)
-  train_iter = data.train_batches(c_data.train_path, tok, seq_len=c_data.seq_len,
+  options = data_options(config)
+  train_iter = data.train_batches(train_sources(c_data), options,
                                   global_batch=c_data.global_batch, seed=c_train.seed,
-                                  train_on=c_data.train_on)
-  eval_set = (data.eval_batches(c_data.eval_path, tok, seq_len=c_data.seq_len,
-                                global_batch=c_data.global_batch, train_on=c_data.train_on,
+                                  pack=c_data.pack, workers=c_data.workers)
+  eval_set = (data.eval_batches(eval_sources(c_data), options, global_batch=c_data.global_batch,
                                 max_examples=c_data.max_eval_examples)
               if c_data.eval_path else None)
   n_params = sharding.count_params(trainer.state.params)
@@ -289,19 +313,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(0, first_eval)
   batches = data.device_batches(train_iter, trainer.batch_sharding)
   start = time.perf_counter()
-  window_start, window_tokens, logged = start, 0, {}
+  window_start, window_tokens, window_steps, logged = start, 0, 0, {}
+  row_tokens = c_data.global_batch * c_data.seq_len
   with sharding.use(trainer.mesh, trainer.rules):
     for step in range(1, c_train.steps + 1):
       batch, real_tokens = next(batches)
       trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
       window_tokens += real_tokens * jax.process_count()
+      window_steps += 1
       writer.advance()
       is_last = step == c_train.steps
       if step % c_train.log_every == 0 or is_last:
         logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         now = time.perf_counter()
         logged['tokens_per_s'] = window_tokens / max(now - window_start, 1e-9)
-        window_start, window_tokens = now, 0
+        logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
+        logged['skipped_records'] = sum(train_iter.skipped.counts.values())
+        window_start, window_tokens, window_steps = now, 0, 0
         if eval_set and ((c_train.eval_every > 0 and step % c_train.eval_every == 0) or is_last):
           last_eval = evaluate(trainer, eval_set)
           logged.update(last_eval)
@@ -309,6 +337,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   wall = time.perf_counter() - start
   checkpoint.save_params(workdir, c_train.steps, trainer.state.params)
   summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
+                 skipped_records=dict(train_iter.skipped.counts),
                  train_step_compiles=trainer.train_step._cache_size())
   line = f'done: {c_train.steps} steps in {wall:.1f}s, final train loss {summary["final_loss"]:.4f}'
   if first_eval and last_eval:
@@ -317,6 +346,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                    accuracy_after=last_eval['eval_accuracy'],
                    eval_examples=last_eval['eval_examples'])
     line += f', eval loss {first_eval["eval_loss"]:.4f} -> {last_eval["eval_loss"]:.4f}'
+  if train_iter.skipped.counts:
+    line += f', skipped records {dict(sorted(train_iter.skipped.counts.items()))}'
   writer.print(line)
   if first_eval and last_eval:
     writer.print(f'held-out accuracy: before {first_eval["eval_accuracy"]:.2f} -> after '

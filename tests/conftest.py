@@ -36,7 +36,7 @@ def small_config(addition_data):
   c = base.get_config()
   c.model.update(vocab_size=259, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=8)
-  c.data.update(train_path=addition_data[0], eval_path=addition_data[1], seq_len=16,
+  c.data.update(path=addition_data[0], eval_path=addition_data[1], seq_len=16,
                 global_batch=8)
   c.optim.update(lr=3e-3, warmup_steps=2)
   c.train.update(steps=6, log_every=2, eval_every=0, progress=False)

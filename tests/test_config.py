@@ -66,14 +66,14 @@ def test_batch_that_does_not_divide_over_the_mesh(tmp_path):
 
 
 def test_missing_data_file(tmp_path):
-  result = _ftjax('--config.data.train_path=/no/such/train.jsonl', f'--workdir={tmp_path}')
-  _assert_one_line_error(result, "data.train_path='/no/such/train.jsonl': file not found")
+  result = _ftjax('--config.data.path=/no/such/train.jsonl', f'--workdir={tmp_path}')
+  _assert_one_line_error(result, "data source '/no/such/train.jsonl': file not found")
 
 
 def test_malformed_data_line(tmp_path):
   bad = tmp_path / 'bad.jsonl'
   bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
-  result = _ftjax(f'--config.data.train_path={bad}', f'--workdir={tmp_path}')
+  result = _ftjax(f'--config.data.path={bad}', f'--workdir={tmp_path}')
   _assert_one_line_error(result, f'{bad}:2:', '"completion"')
 
 

@@ -20,7 +20,7 @@ def _rows(workdir):
 def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
   # Eight records, a batch of eight: every step sees the same examples, so loss must collapse.
   records = [{'prompt': f'{a}+{a}=', 'completion': str(2 * a)} for a in range(8)]
-  small_config.data.train_path = write_jsonl(tmp_path / 'repeated.jsonl', records)
+  small_config.data.path = write_jsonl(tmp_path / 'repeated.jsonl', records)
   small_config.optim.lr = 1e-2
   small_config.train.update(steps=40, log_every=10, eval_every=20)
   summary = train.run(small_config, str(tmp_path))

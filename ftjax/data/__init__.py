@@ -1,0 +1,19 @@
+"""The SFT data pipeline on grain: sources, formats, packing, per-host sharding, resume."""
+
+from ftjax.data.formats import FORMATS, TEMPLATES, BadRecord, EncodeDoc, Encoder
+from ftjax.data.pipeline import (
+    FIELDS,
+    Options,
+    Source,
+    TrainData,
+    device_batches,
+    documents,
+    eval_batches,
+    to_global,
+    train_batches,
+)
+from ftjax.data.sources import DataError, kind_of, open_source, prepare
+
+__all__ = ['FIELDS', 'FORMATS', 'TEMPLATES', 'BadRecord', 'DataError', 'EncodeDoc', 'Encoder',
+           'Options', 'Source', 'TrainData', 'device_batches', 'documents', 'eval_batches',
+           'kind_of', 'open_source', 'prepare', 'to_global', 'train_batches']

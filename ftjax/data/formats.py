@@ -1,0 +1,198 @@
+"""Records -> token ids and loss weights: text, prompt/completion, alpaca, chat, sharegpt.
+
+Chat records are rendered with the tokenizer's chat template (or a built-in one) and the loss
+covers exactly the assistant turns: each assistant turn's character span in the rendering is
+found by rendering the conversation up to that turn, and tokens are assigned by their offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from ftjax import tokenizer as tokenizer_lib
+from ftjax.data.sources import DataError
+from ftjax.tokenizer import Tokenizer
+
+FORMATS = ('auto', 'text', 'prompt_completion', 'chat', 'sharegpt', 'alpaca')
+TrainOn = Literal['assistant', 'completion', 'all']
+TEMPLATES = {
+    'chatml': ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+               "{% endif %}"),
+}
+ALPACA = ('Below is an instruction that describes a task{with_input}. Write a response that '
+          'appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n'
+          '{input}### Response:\n')
+_SHAREGPT_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
+                   'system': 'system', 'chatgpt': 'assistant', 'bing': 'assistant'}
+
+
+class BadRecord(Exception):
+  """A record that cannot be used; `reason` is a short key for skip counts."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+
+
+def detect(record: dict[str, Any]) -> str:
+  if 'messages' in record:
+    return 'chat'
+  if 'conversations' in record:
+    return 'sharegpt'
+  if 'instruction' in record and 'output' in record:
+    return 'alpaca'
+  if 'prompt' in record and 'completion' in record:
+    return 'prompt_completion'
+  if 'text' in record:
+    return 'text'
+  raise BadRecord('unknown_format', 'expected "text", "prompt"+"completion", "messages", '
+                  f'"conversations" or "instruction"+"output"; found keys {sorted(record)}')
+
+
+def _str(record: dict[str, Any], key: str) -> str:
+  if key not in record:
+    raise BadRecord('missing_field', f'missing field {key!r}')
+  if not isinstance(record[key], str):
+    raise BadRecord('wrong_type', f'field {key!r} must be a string')
+  return record[key]
+
+
+def messages_of(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+  """The conversation as OpenAI-style messages."""
+  if fmt == 'chat':
+    turns = record['messages']
+    if not isinstance(turns, list) or not all(
+        isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(
+            m.get('content'), str) for m in turns):
+      raise BadRecord('wrong_type', '"messages" must be a list of {"role": str, "content": str}')
+    return [{'role': m['role'], 'content': m['content']} for m in turns]
+  turns = record['conversations']
+  out = []
+  for m in turns if isinstance(turns, list) else [None]:
+    if not isinstance(m, dict) or m.get('from') not in _SHAREGPT_ROLES or not isinstance(
+        m.get('value'), str):
+      raise BadRecord('wrong_type', '"conversations" must be a list of {"from": human|gpt|system, '
+                      '"value": str}')
+    out.append({'role': _SHAREGPT_ROLES[m['from']], 'content': m['value']})
+  return out
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def cached_tokenizer(spec: str) -> Tokenizer:
+  """One tokenizer per spec and process (grain workers get the spec, not the object)."""
+  if spec not in _TOKENIZERS:
+    _TOKENIZERS[spec] = tokenizer_lib.load(spec)
+  return _TOKENIZERS[spec]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """Turns one record into `(ids, weights)`: weight 1 where predicting that token counts."""
+
+  tokenizer_spec: str
+  fmt: str = 'auto'
+  train_on: TrainOn = 'assistant'
+  chat_template: str = ''
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    return cached_tokenizer(self.tokenizer_spec)
+
+  def template(self) -> str:
+    if self.chat_template:
+      return TEMPLATES.get(self.chat_template, self.chat_template)
+    if self.tokenizer.chat_template:
+      return self.tokenizer.chat_template
+    return TEMPLATES['chatml']
+
+  def encode(self, record: Any) -> tuple[list[int], list[int]]:
+    if not isinstance(record, dict):
+      raise BadRecord('wrong_type', f'expected a JSON object, got {type(record).__name__}')
+    fmt = detect(record) if self.fmt == 'auto' else self.fmt
+    tok = self.tokenizer
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    if fmt == 'text':
+      ids = bos + tok.encode(_str(record, 'text')) + [tok.eos_id]
+      return ids, [1] * len(ids)
+    if fmt in ('prompt_completion', 'alpaca'):
+      if fmt == 'alpaca':
+        extra = record.get('input') or ''
+        prompt_text = ALPACA.format(
+            with_input=', paired with an input that provides further context' if extra else '',
+            instruction=_str(record, 'instruction'),
+            input=f'### Input:\n{extra}\n\n' if extra else '')
+        completion_text = _str(record, 'output')
+      else:
+        prompt_text, completion_text = _str(record, 'prompt'), _str(record, 'completion')
+      prompt = bos + tok.encode(prompt_text)
+      completion = tok.encode(completion_text) + [tok.eos_id]
+      prompt_weight = int(self.train_on == 'all')
+      return prompt + completion, [prompt_weight] * len(prompt) + [1] * len(completion)
+    if fmt in ('chat', 'sharegpt'):
+      return self._chat(messages_of(record, fmt))
+    raise BadRecord('unknown_format', f'unknown format {fmt!r}; expected one of {FORMATS}')
+
+  def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    tok = dataclasses.replace(self.tokenizer, chat_template=self.template())
+    if not any(m['role'] == 'assistant' for m in messages) and self.train_on != 'all':
+      raise BadRecord('no_assistant_turn', 'conversation has no assistant turn to learn from')
+    full = tok.apply_chat_template(messages)
+    spans = []
+    for k, m in enumerate(messages):
+      if m['role'] != 'assistant':
+        continue
+      start = len(tok.apply_chat_template(messages[:k], add_generation_prompt=True))
+      upto = tok.apply_chat_template(messages[: k + 1])
+      if not full.startswith(upto):
+        raise BadRecord('template', 'the chat template does not render conversations '
+                        'prefix-stably, so assistant tokens cannot be located')
+      spans.append((start, len(upto)))
+    ids, offsets = tok.encode_with_offsets(full)
+    if self.train_on == 'all':
+      return ids, [1] * len(ids)
+    weights = [int(any(a <= s < b for a, b in spans)) for s, _ in offsets]
+    return ids, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeDoc(grain.transforms.Map):
+  """A source item -> one shifted document `{tokens, targets, loss_mask}` or a skip marker."""
+
+  encoder: Encoder
+  seq_len: int
+  on_bad_record: str = 'error'  # error | skip
+  on_too_long: str = 'truncate'  # truncate | skip | error
+
+  def map(self, item: dict[str, Any]) -> dict[str, Any]:
+    where = item['where']
+    try:
+      raw = item['raw']
+      if isinstance(raw, str):
+        try:
+          raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+          raise BadRecord('bad_json', f'not valid JSON ({e.msg})') from None
+      ids, weights = self.encoder.encode(raw)
+      if len(ids) > self.seq_len + 1:
+        if self.on_too_long == 'error':
+          raise DataError(f'{where}: example has {len(ids)} tokens, more than data.seq_len+1='
+                          f'{self.seq_len + 1} (data.on_too_long=error)')
+        if self.on_too_long == 'skip':
+          return {'skip': 'too_long', 'where': where}
+        ids, weights = ids[: self.seq_len + 1], weights[: self.seq_len + 1]
+    except BadRecord as e:
+      if self.on_bad_record == 'skip':
+        return {'skip': e.reason, 'where': where}
+      raise DataError(f'{where}: {e} (set data.on_bad_record=skip to skip such records)') from None
+    if len(ids) < 2:
+      return {'skip': 'empty', 'where': where}
+    return {'tokens': np.asarray(ids[:-1], np.int32), 'targets': np.asarray(ids[1:], np.int32),
+            'loss_mask': np.asarray(weights[1:], np.int32)}

@@ -1,0 +1,215 @@
+"""grain pipelines: sources -> host shard -> shuffle -> encode -> mix -> pack -> batch -> mesh.
+
+Each process reads a disjoint slice of every source (`ds[index::count]`), so hosts never see
+the same example; each source is reshuffled every epoch; sources are mixed by weight; documents
+are packed into fixed-length rows (segment ids + per-document positions) or padded one per row.
+The returned iterator has grain's `get_state`/`set_state`, so a resumed run sees exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from grain.experimental import FirstFitPackIterDataset
+from jax.sharding import NamedSharding
+
+from ftjax.data.formats import FORMATS, EncodeDoc, Encoder
+from ftjax.data.sources import DataError, open_source
+
+FIELDS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
+DOC_FIELDS = ('tokens', 'targets', 'loss_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One entry of `data.sources`."""
+
+  path: str
+  weight: float = 1.0
+  format: str = 'auto'
+  split: str = ''
+
+  @classmethod
+  def parse(cls, entry: Any, key: str) -> Source:
+    entry = dict(entry) if not isinstance(entry, str) else {'path': entry}
+    unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(cls)})
+    if unknown or 'path' not in entry:
+      raise DataError(f'{key}: each source is {{"path", "weight", "format", "split"}}; got '
+                      f'{sorted(entry)}')
+    source = cls(**entry)
+    if source.format not in FORMATS:
+      raise DataError(f'{key}: format={source.format!r} is not one of {FORMATS}')
+    if source.weight <= 0:
+      raise DataError(f'{key}: weight={source.weight} must be > 0')
+    return source
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How records become rows (the `data` config section, unpacked)."""
+
+  tokenizer: str
+  seq_len: int
+  train_on: str = 'assistant'
+  chat_template: str = ''
+  on_bad_record: str = 'error'
+  on_too_long: str = 'truncate'
+  tfds_data_dir: str = ''
+
+  def encode_doc(self, fmt: str) -> EncodeDoc:
+    encoder = Encoder(self.tokenizer, fmt=fmt, train_on=self.train_on,
+                      chat_template=self.chat_template)
+    return EncodeDoc(encoder, self.seq_len, self.on_bad_record, self.on_too_long)
+
+
+class SkipCounter:
+  """A grain filter that drops skip markers and counts them per reason."""
+
+  def __init__(self):
+    self.counts: collections.Counter[str] = collections.Counter()
+
+  def __call__(self, doc: dict[str, Any]) -> bool:
+    if 'skip' in doc:
+      self.counts[doc['skip']] += 1
+      return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class PadRow(grain.transforms.Map):
+  """One document per row, padded to `seq_len` (segment id 0 marks padding)."""
+
+  seq_len: int
+
+  def map(self, doc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(doc['tokens'])
+    row = {k: np.zeros(self.seq_len, np.int32) for k in FIELDS}
+    for k in DOC_FIELDS:
+      row[k][:n] = doc[k]
+    row['positions'][:n] = np.arange(n)
+    row['segment_ids'][:n] = 1
+    return row
+
+
+def _from_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  out = {k: row[k].astype(np.int32) for k in DOC_FIELDS}
+  out['positions'] = row['tokens_positions'].astype(np.int32)
+  out['segment_ids'] = row['tokens_segment_ids'].astype(np.int32)
+  return out
+
+
+def _shard() -> tuple[int, int]:
+  return jax.process_index(), jax.process_count()
+
+
+def local_batch_size(global_batch: int, shard_count: int) -> int:
+  if global_batch % shard_count:
+    raise DataError(f'data.global_batch={global_batch} is not divisible by the {shard_count} '
+                    'processes')
+  return global_batch // shard_count
+
+
+def documents(sources: list[Source], options: Options, *, seed: int,
+              shard: tuple[int, int] | None = None) -> grain.MapDataset:
+  """The endless, weighted mixture of this host's encoded documents (or skip markers)."""
+  index, count = shard or _shard()
+  mixed = []
+  for i, source in enumerate(sources):
+    ds = open_source(source.path, split=source.split, tfds_data_dir=options.tfds_data_dir)
+    ds = ds[index::count]
+    if len(ds) == 0:
+      raise DataError(f'{source.path}: no records for process {index} of {count}')
+    ds = ds.shuffle(seed=seed + 7919 * i).repeat()  # a new order every epoch
+    mixed.append(ds.map(options.encode_doc(source.format)))
+  if len(mixed) == 1:
+    return mixed[0]
+  return grain.MapDataset.mix(mixed, weights=[s.weight for s in sources])
+
+
+@dataclasses.dataclass
+class TrainData:
+  """This host's batches, the skip counts, and what checkpoints save of it."""
+
+  iterator: grain.DatasetIterator
+  skipped: SkipCounter
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self.iterator)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def get_state(self) -> dict[str, Any]:
+    return self.iterator.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.iterator.set_state(state)
+
+
+def train_batches(sources: list[Source], options: Options, *, global_batch: int, seed: int,
+                  pack: bool = True, workers: int = 0,
+                  shard: tuple[int, int] | None = None) -> TrainData:
+  """This host's share of every global batch, endlessly, with resumable state."""
+  index, count = shard or _shard()
+  local = local_batch_size(global_batch, count)
+  skipped = SkipCounter()
+  docs = documents(sources, options, seed=seed, shard=(index, count)).to_iter_dataset()
+  docs = docs.filter(skipped)
+  if pack:
+    rows = FirstFitPackIterDataset(
+        docs, length_struct=dict.fromkeys(DOC_FIELDS, options.seq_len),
+        num_packing_bins=max(local, 8), seed=seed, shuffle_bins=True).map(_from_packed)
+  else:
+    rows = docs.map(PadRow(options.seq_len))
+  batches = rows.batch(local, drop_remainder=True)
+  if workers:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return TrainData(iter(batches), skipped)
+
+
+def eval_batches(sources: list[Source], options: Options, *, global_batch: int,
+                 max_examples: int = -1,
+                 shard: tuple[int, int] | None = None) -> list[dict[str, np.ndarray]]:
+  """Every held-out example once, one per row, in this host's batches (equal count per host)."""
+  index, count = shard or _shard()
+  local = local_batch_size(global_batch, count)
+  items = []
+  for source in sources:
+    ds = open_source(source.path, split=source.split, tfds_data_dir=options.tfds_data_dir)
+    encode = options.encode_doc(source.format)
+    items += [(encode, ds[i]) for i in range(len(ds))]
+  if max_examples > 0:
+    items = items[:max_examples]
+  per_host = math.ceil(len(items) / count)
+  pad = PadRow(options.seq_len)
+  rows = [encode.map(item) for encode, item in items[index::count]]
+  rows = [pad.map(r) for r in rows if 'skip' not in r]
+  empty = {k: np.zeros(options.seq_len, np.int32) for k in FIELDS}
+  rows += [empty] * (math.ceil(per_host / local) * local - len(rows))
+  return [{k: np.stack([r[k] for r in rows[i:i + local]]) for k in FIELDS}
+          for i in range(0, len(rows), local)]
+
+
+def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each host's rows into one global batch laid out on the mesh."""
+  global_rows = local['tokens'].shape[0] * jax.process_count()
+
+  def one(x):
+    return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+
+  return {k: one(local[k]) for k in FIELDS}
+
+
+def device_batches(batches: Iterator[dict[str, np.ndarray]],
+                   sharding: NamedSharding) -> Iterator[tuple[dict[str, jax.Array], int]]:
+  """Global batches with the count of real (non-pad) tokens in this host's rows."""
+  for local in batches:
+    yield to_global(local, sharding), int(np.count_nonzero(local['segment_ids']))
