@@ -15,6 +15,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: metrics, TensorBoard, config.json.')
 _OUT = flags.DEFINE_string('out', None, 'export: the Hugging Face folder to write.')
+_SOURCE = flags.DEFINE_string('source', None, 'data prepare: the source to convert.')
+_SPLIT = flags.DEFINE_string('split', '', 'data prepare: split of a tfds:// source.')
+_BATCHES = flags.DEFINE_integer('batches', 50, 'data bench: batches to time.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
                            'export: dtype of the written weights.')
 
@@ -23,6 +26,8 @@ USAGE = """usage: ftjax COMMAND [flags]
 commands:
   train   fine-tune a model: ftjax train --config configs/demo.py --workdir /tmp/demo
   export  write a run as a Hugging Face folder: ftjax export --workdir RUN --out HF_DIR
+  data    data prepare --source FILE --out FILE.array_record   (random access at scale)
+          data bench --config X [--batches N]    (tokens/s of the input pipeline alone)
 """
 
 
@@ -98,7 +103,39 @@ def _export(argv: list[str]) -> None:
   print(f'exported {_WORKDIR.value} -> {out}')
 
 
-COMMANDS = {'train': _train, 'export': _export}
+def _data(argv: list[str]) -> None:
+  import json
+
+  from ftjax import data, train
+  from ftjax.data import tools
+
+  action = argv[1] if len(argv) == 2 else None
+  if action == 'prepare':
+    if not _SOURCE.value or not _OUT.value:
+      _fail('usage: ftjax data prepare --source FILE --out FILE.array_record [--split S]')
+    try:
+      count = data.prepare(_SOURCE.value, _OUT.value, split=_SPLIT.value)
+    except data.DataError as e:
+      _fail(str(e))
+    print(f'wrote {count} records to {_OUT.value}')
+  elif action == 'bench':
+    if _CONFIG.value is None:
+      _fail('usage: ftjax data bench --config configs/X.py [--batches N]')
+    config = _CONFIG.value
+    try:
+      train.validate(config)
+      result = tools.bench(train.train_sources(config.data), train.data_options(config),
+                           global_batch=config.data.global_batch, seed=config.train.seed,
+                           pack=config.data.pack, workers=config.data.workers,
+                           batches=_BATCHES.value)
+    except (train.ConfigError, data.DataError) as e:
+      _fail(str(e))
+    print(json.dumps(result))
+  else:
+    _fail('usage: ftjax data prepare|bench ...')
+
+
+COMMANDS = {'train': _train, 'export': _export, 'data': _data}
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Every config builds; bad configs fail fast with one line that names the problem."""
 
 import glob
+import json
 import os
 import runpy
 import subprocess
@@ -98,3 +99,19 @@ def test_key_added_by_an_experiment_file_is_refused():
 
 def _demo_config() -> ml_collections.ConfigDict:
   return runpy.run_path(os.path.join(REPO, 'configs', 'demo.py'))['get_config']()
+
+
+def test_data_commands(tmp_path):
+  prepare = subprocess.run(
+      [sys.executable, '-m', 'ftjax.main', 'data', 'prepare',
+       f'--source={REPO}/data/demo/eval.jsonl', f'--out={tmp_path}/eval.array_record'],
+      capture_output=True, text=True, timeout=300)
+  assert prepare.returncode == 0, prepare.stderr[-2000:]
+  assert 'wrote 200 records' in prepare.stdout
+  bench = subprocess.run(
+      [sys.executable, '-m', 'ftjax.main', 'data', 'bench', '--config', f'{REPO}/configs/demo.py',
+       f'--config.data.path={tmp_path}/eval.array_record', '--batches=3'],
+      capture_output=True, text=True, timeout=300)
+  assert bench.returncode == 0, bench.stderr[-2000:]
+  result = json.loads(bench.stdout.strip().splitlines()[-1])
+  assert result['tokens_per_s'] > 0 and result['batches'] == 3

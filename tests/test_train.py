@@ -27,8 +27,10 @@ def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
   rows = _rows(tmp_path)
   assert [r['step'] for r in rows] == [0, 10, 20, 30, 40]
   for r in rows[1:]:
-    assert {'loss', 'learning_rate', 'grad_norm', 'tokens_per_s'} <= set(r)
-    assert r['tokens_per_s'] > 0
+    assert {'loss', 'learning_rate', 'grad_norm', 'tokens_per_s', 'packing_efficiency',
+            'skipped_records'} <= set(r)
+    assert r['tokens_per_s'] > 0 and 0 < r['packing_efficiency'] <= 1
+    assert r['skipped_records'] == 0
   assert {'eval_loss', 'eval_perplexity', 'eval_accuracy'} <= set(rows[2])
   assert rows[-1]['loss'] < 0.2 * rows[1]['loss']
   assert summary['eval_loss_after'] < summary['eval_loss_before']
@@ -92,3 +94,17 @@ def test_bf16_and_remat_runs_train(small_config, tmp_path, dtype, remat):
   assert all(np.isfinite(r['loss']) for r in rows[1:])
   assert rows[-1]['loss'] < rows[1]['loss']
   assert summary['train_step_compiles'] == 1
+
+
+def test_skipped_records_reach_metrics_and_summary(small_config, tmp_path, capsys):
+  records = [{'prompt': f'{a}+{a}=', 'completion': str(2 * a)} for a in range(8)]
+  path = write_jsonl(tmp_path / 'mixed.jsonl', records)
+  with open(path, 'a') as f:
+    f.write('this line is not JSON\n{"promptx": "?"}\n')
+  small_config.data.update(path=path, on_bad_record='skip')
+  small_config.train.update(steps=4, log_every=4)
+  summary = train.run(small_config, str(tmp_path / 'run'))
+  assert summary['skipped_records']['bad_json'] >= 1
+  assert summary['skipped_records']['unknown_format'] >= 1
+  assert _rows(tmp_path / 'run')[-1]['skipped_records'] >= 2
+  assert "skipped records {'bad_json'" in capsys.readouterr().out
