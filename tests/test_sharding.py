@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import data, sharding, tokenizer, train
+from ftjax import data, sharding, train
 from ftjax.models import llama
 
 ARCH = llama.Config(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -20,8 +20,9 @@ def _setup(shape, devices, rules='fsdp_tp'):
 
 
 def _batch(addition_data):
-  rows = data.eval_batches(addition_data[0], tokenizer.byte_level(), seq_len=16, global_batch=8,
-                           train_on='all', max_examples=8)
+  rows = data.eval_batches([data.Source(addition_data[0])],
+                           data.Options(tokenizer='byte', seq_len=16, train_on='all'),
+                           global_batch=8, max_examples=8)
   return rows[0]
 
 
