@@ -66,5 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
       eval_every=200,  # 0 = only before and after training
       seed=0,
       progress=True,  # progress bar on process 0
+      stop_at_step=0,  # > 0: after this step save and exit 75 as a preemption would
+  )
+  c.ckpt = dict(
+      every_steps=500,  # 0 = only by time / at the end
+      every_minutes=0.0,  # 0 = only by steps / at the end
+      max_to_keep=3,
+      keep_period=0,  # > 0: also keep every checkpoint whose step is a multiple of this
+      resume='auto',  # auto (latest in workdir) | never | a checkpoints folder or step folder
+      async_save=True,  # the loop blocks only for the device-to-host copy
   )
   return c

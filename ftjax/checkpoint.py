@@ -1,49 +1,171 @@
-"""Orbax checkpoints of a run under `workdir/checkpoints/<step>/`.
+"""Orbax checkpoints of a run under `workdir/checkpoints/<step>/`: never lose work.
 
-For now a run saves its trained parameters when it finishes; `ftjax export` restores them
-onto any mesh by restoring into an abstract target that carries the new shardings.
+A checkpoint holds the train state (step, trainable params, optimizer state), the data
+iterator's state (one file per process, via grain's Orbax handler), and metadata (ftjax
+version, mesh, model, the resolved config). Saves are asynchronous: the loop blocks only for
+the device-to-host copy. Orbax writes into a temporary directory and renames it when every
+process has finished, so a half-written checkpoint is never listed and never restored.
+Restores go into an abstract target carrying the *current* shardings, so a checkpoint saved on
+one mesh restores onto any other without materialising whole arrays on one device.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
+import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing or does not fit the model being restored (the message says how)."""
 
 
 def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def save_params(workdir: str, step: int, params: nnx.State) -> None:
-  """Saves `params` at `step` and waits until the checkpoint is committed."""
-  with ocp.CheckpointManager(directory(workdir)) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(
-        params.to_pure_dict())))
-    manager.wait_until_finished()
+def _leaves(tree: Any) -> dict[str, Any]:
+  """Leaves by a path that reads the same for live pytrees and Orbax's saved metadata."""
+
+  def name(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+
+  return {'.'.join(name(k) for k in path): x
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Manager:
+  """Saves every `every_steps` steps and/or `every_minutes` minutes; restores the latest."""
+
+  def __init__(self, root: str, *, every_steps: int = 0, every_minutes: float = 0.0,
+               max_to_keep: int | None = 3, keep_period: int | None = None,
+               async_save: bool = True):
+    self.root = root
+    self.every_steps, self.every_minutes = every_steps, every_minutes
+    self._last_save = time.monotonic()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, keep_period=keep_period or None,
+        enable_async_checkpointing=async_save, create=True,
+        async_options=ocp.AsyncOptions(timeout_secs=1800))
+    self._manager = ocp.CheckpointManager(root, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def due(self, step: int) -> bool:
+    """Whether the schedule asks for a save after `step` (same answer on every host)."""
+    by_steps = self.every_steps > 0 and step % self.every_steps == 0
+    by_time = self.every_minutes > 0 and (time.monotonic() - self._last_save) >= (
+        60 * self.every_minutes)
+    if self.every_minutes > 0 and jax.process_count() > 1:
+      # Hosts' clocks differ: let process 0 decide for everyone.
+      from jax.experimental import multihost_utils
+
+      by_time = bool(multihost_utils.broadcast_one_to_all(np.asarray(by_time)))
+    return by_steps or by_time
+
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           metadata: dict[str, Any] | None = None) -> None:
+    """Starts an async save of `state` (and the data iterator); returns after the D2H copy."""
+    if self._manager.latest_step() == step:
+      return
+    items = dict(state=ocp.args.StandardSave(state),
+                 meta=ocp.args.JsonSave(metadata or {}))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._last_save = time.monotonic()
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed (errors of the background save surface)."""
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+    """The state at `step`, restored into `abstract_state`'s shapes, dtypes and shardings."""
+    self._check_compatible(step, abstract_state)
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state']
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        'meta']
+
+  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    where = os.path.join(self.root, str(step))
+    try:
+      saved = ocp.StandardCheckpointer().metadata(os.path.join(where, 'state')).item_metadata
+    except Exception as e:  # Orbax raises several types for unreadable metadata
+      raise CheckpointError(f'{where}: unreadable checkpoint metadata ({e})') from None
+    want, have = _leaves(abstract_state), _leaves(saved)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+      raise CheckpointError(
+          f'{where} does not hold this model: missing {missing[:3]}, unexpected {extra[:3]} '
+          '(a different model, or LoRA vs full fine-tuning?)')
+    for key, target in want.items():
+      shape = tuple(getattr(have[key], 'shape', ()) or ())
+      if tuple(target.shape) != shape:
+        raise CheckpointError(f'{where}: {key} has shape {shape} in the checkpoint, but the '
+                              f'model expects {tuple(target.shape)} (a different architecture?)')
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: whether every host has agreed to stop at `step` (JAX's preemption sync)."""
+    return self._manager.reached_preemption(step)
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def find_step_dir(path: str) -> tuple[str, int]:
+  """`path` is a checkpoints folder (its latest step) or one step folder inside it."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path)
+  if base.isdigit():
+    return os.path.dirname(path), int(base)
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise CheckpointError(f'ckpt.resume={path!r}: no committed checkpoint there')
+  return path, step
 
 
 def latest_step(workdir: str) -> int | None:
   if not os.path.isdir(directory(workdir)):
     return None
-  with ocp.CheckpointManager(directory(workdir)) as manager:
-    return manager.latest_step()
+  manager = ocp.CheckpointManager(directory(workdir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  return step
 
 
 def restore_params(workdir: str, abstract_params: nnx.State, shardings: nnx.State,
                    step: int | None = None) -> nnx.State:
-  """The saved parameters, restored straight into `shardings` (any mesh)."""
+  """Only the trained parameters of a run (for export), restored into `shardings`."""
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f'{directory(workdir)}: no checkpoint to restore')
-  target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_params.to_pure_dict(), shardings.to_pure_dict())
-  with ocp.CheckpointManager(directory(workdir)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))
-  params = jax.tree.map(lambda x: x, abstract_params)
-  nnx.replace_by_pure_dict(params, restored['params'])
-  return params
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_params, shardings)
+  manager = ocp.CheckpointManager(directory(workdir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={'params': target}, restore_args=jax.tree.map(
+          lambda s: ocp.ArrayRestoreArgs(sharding=s), {'params': shardings}),
+      partial_restore=True)))
+  manager.close()
+  return restored['state']['params']
+

@@ -82,9 +82,12 @@ def _train(argv: list[str]) -> None:
   if not _WORKDIR.value:
     _fail('--workdir is required: the directory for metrics, TensorBoard and config.json')
   try:
-    train.run(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, train.data.DataError, train.weights.CheckpointError) as e:
+    summary = train.run(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, train.data.DataError, train.weights.CheckpointError,
+          train.checkpoint.CheckpointError) as e:
     _fail(str(e))
+  if summary['preempted_at'] is not None:
+    sys.exit(train.EXIT_RESTART)
 
 
 def _export(argv: list[str]) -> None:

@@ -8,6 +8,8 @@ import glob
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -34,6 +36,7 @@ from ftjax import (
   weights,
 )
 from ftjax.models import llama
+from ftjax.version import __version__
 
 DTYPES = pretrained.DTYPES
 
@@ -196,6 +199,71 @@ def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]]) -> dict[str
               eval_examples=int(totals['examples']))
 
 
+EXIT_RESTART = 75  # EX_TEMPFAIL: preempted after a committed save; run the command again
+
+
+class Preemption:
+  """SIGTERM (what TPU VMs and schedulers send) asks the loop to save and stop.
+
+  One process: our handler sets a flag. Several: JAX's preemption sync point (via Orbax)
+  makes every host agree on the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int, manager: checkpoint.Manager) -> bool:
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self.requested
+
+
+def restore_or_start(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
+                     train_iter: data.TrainData) -> tuple[checkpoint.Manager, int]:
+  """The run's checkpoint manager, and the step to start from (restoring state and data)."""
+  c = config.ckpt
+  manager = checkpoint.Manager(checkpoint.directory(workdir), every_steps=c.every_steps,
+                               every_minutes=c.every_minutes, max_to_keep=c.max_to_keep or None,
+                               keep_period=c.keep_period or None, async_save=c.async_save)
+  if c.resume == 'never':
+    return manager, 0
+  if c.resume == 'auto':
+    source, step = manager, manager.latest_step()
+    if step is None:
+      return manager, 0
+  else:
+    root, step = checkpoint.find_step_dir(c.resume)
+    source = checkpoint.Manager(root, max_to_keep=None)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainer.state)
+  try:
+    trainer.state = source.restore(step, abstract, train_iter.iterator)
+  except Exception:
+    manager.close()  # no background threads left behind by a failed start
+    raise
+  logging.info('restored step %d from %s', step, source.root)
+  return manager, step
+
+
+def _logged_eval_before(workdir: str) -> dict[str, Any] | None:
+  """The step-0 evaluation an earlier (interrupted) attempt of this run logged."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if row.get('step') == 0 and 'eval_loss' in row:
+        return row
+  return None
+
+
 def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
   """data.tokenizer, else the pretrained folder's tokenizer, else the built-in byte one."""
   return config.data.tokenizer or config.model.pretrained or tokenizer.BYTE
@@ -305,18 +373,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('model %s: %d trainable parameters; mesh %s', c_model.preset, n_params,
                dict(trainer.mesh.shape))
 
-  writer = metrics.Writer(workdir, total_steps=c_train.steps, progress=c_train.progress)
+  manager, start_step = restore_or_start(config, workdir, trainer, train_iter)
+  writer = metrics.Writer(workdir, total_steps=c_train.steps, start_step=start_step,
+                          progress=c_train.progress)
   writer.print(f'ftjax: {c_model.preset} ({n_params:,} params) on mesh {dict(trainer.mesh.shape)}, '
-               f'{c_train.steps} steps')
-  first_eval = last_eval = evaluate(trainer, eval_set) if eval_set else None
-  if first_eval:
-    writer.write(0, first_eval)
+               f'steps {start_step + 1}..{c_train.steps}'
+               + (f' (resumed from step {start_step})' if start_step else ''))
+  if start_step == 0:
+    first_eval = evaluate(trainer, eval_set) if eval_set else None
+    if first_eval:
+      writer.write(0, first_eval)
+  else:
+    first_eval = _logged_eval_before(workdir)
+  last_eval = first_eval
+  preemption = Preemption()
+  meta = dict(ftjax_version=__version__, mesh=dict(trainer.mesh.shape), preset=c_model.preset,
+              config=json.loads(config.to_json_best_effort()))
+  stop_at = c_train.stop_at_step
   batches = data.device_batches(train_iter, trainer.batch_sharding)
   start = time.perf_counter()
   window_start, window_tokens, window_steps, logged = start, 0, 0, {}
   row_tokens = c_data.global_batch * c_data.seq_len
+  preempted_at = None
   with sharding.use(trainer.mesh, trainer.rules):
-    for step in range(1, c_train.steps + 1):
+    for step in range(start_step + 1, c_train.steps + 1):
       batch, real_tokens = next(batches)
       trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
       window_tokens += real_tokens * jax.process_count()
@@ -334,12 +414,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           last_eval = evaluate(trainer, eval_set)
           logged.update(last_eval)
         writer.write(step, logged)
+      stop = step == stop_at or preemption.reached(step, manager)
+      if stop or is_last or manager.due(step):
+        manager.save(step, trainer.state, train_iter.iterator, meta)
+      if stop:
+        preempted_at = step
+        break
+  manager.wait()  # every save is committed before we report or exit
+  manager.close()
   wall = time.perf_counter() - start
-  checkpoint.save_params(workdir, c_train.steps, trainer.state.params)
+  done = preempted_at is None
   summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
-                 skipped_records=dict(train_iter.skipped.counts),
+                 skipped_records=dict(train_iter.skipped.counts), preempted_at=preempted_at,
                  train_step_compiles=trainer.train_step._cache_size())
-  line = f'done: {c_train.steps} steps in {wall:.1f}s, final train loss {summary["final_loss"]:.4f}'
+  if not done:
+    writer.print(f'stopped after step {preempted_at} and saved a checkpoint; exit '
+                 f'{EXIT_RESTART} means: run the same command again to resume')
+    writer.close()
+    return summary
+  line = (f'done: {c_train.steps} steps in {wall:.1f}s, final train loss '
+          f'{summary["final_loss"]:.4f}' if summary['final_loss'] is not None
+          else f'done: nothing to do, the checkpoint is at step {start_step}')
   if first_eval and last_eval:
     summary.update(eval_loss_before=first_eval['eval_loss'], eval_loss_after=last_eval['eval_loss'],
                    accuracy_before=first_eval['eval_accuracy'],
