@@ -169,3 +169,21 @@ def restore_params(workdir: str, abstract_params: nnx.State, shardings: nnx.Stat
   manager.close()
   return restored['state']['params']
 
+
+
+def bench(state: Any, root: str, *, repeats: int = 3) -> dict[str, Any]:
+  """Blocking time of an async save (what the training loop waits for) vs the whole save."""
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  blocking, total = [], []
+  manager = Manager(root, max_to_keep=1)
+  for step in range(1, repeats + 1):
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    manager.save(step, state)
+    blocking.append(time.perf_counter() - start)
+    manager.wait()
+    total.append(time.perf_counter() - start)
+  manager.close()
+  return dict(state_bytes=int(nbytes), blocking_s=float(np.median(blocking)),
+              total_s=float(np.median(total)),
+              blocking_fraction=float(np.median(blocking) / np.median(total)), repeats=repeats)

@@ -28,6 +28,7 @@ commands:
   export  write a run as a Hugging Face folder: ftjax export --workdir RUN --out HF_DIR
   data    data prepare --source FILE --out FILE.array_record   (random access at scale)
           data bench --config X [--batches N]    (tokens/s of the input pipeline alone)
+  checkpoint bench --config X     (blocking vs total time of an async checkpoint save)
 """
 
 
@@ -138,7 +139,29 @@ def _data(argv: list[str]) -> None:
     _fail('usage: ftjax data prepare|bench ...')
 
 
-COMMANDS = {'train': _train, 'export': _export, 'data': _data}
+def _checkpoint(argv: list[str]) -> None:
+  import json
+  import tempfile
+
+  from ftjax import checkpoint, train
+
+  if argv[1:] != ['bench'] or _CONFIG.value is None:
+    _fail('usage: ftjax checkpoint bench --config configs/X.py [--config.model.<field>=...]')
+  config = _CONFIG.value
+  try:
+    arch = train.model_config(config.model)
+    trainer = train.setup(
+        arch=arch, model_options=dict(param_dtype=train.DTYPES[config.model.param_dtype]),
+        mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
+        optim_kwargs=train._optim_kwargs(config.optim, config.train.steps), grad_accum=1,
+        global_batch=config.data.global_batch, seed=0, pretrained_path=config.model.pretrained)
+  except train.ConfigError as e:
+    _fail(str(e))
+  with tempfile.TemporaryDirectory(dir=_WORKDIR.value) as root:
+    print(json.dumps(checkpoint.bench(trainer.state, root)))
+
+
+COMMANDS = {'train': _train, 'export': _export, 'data': _data, 'checkpoint': _checkpoint}
 
 
 def main() -> None:
