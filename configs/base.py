@@ -27,6 +27,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Every architecture field of the preset may be overridden; None keeps the preset's value.
   for field in dataclasses.fields(llama.Config):
     c.model[field.name] = config_dict.placeholder(_TYPES[field.type])
+  c.lora = dict(
+      rank=0,  # 0 = full fine-tuning; > 0 trains only low-rank adapters
+      alpha=16.0,  # adapter scale alpha / rank (alpha / sqrt(rank) with use_rslora)
+      dropout=0.0,
+      targets='all-linear',  # 'all-linear' | comma-separated q,k,v,o,gate,up,down | a path regex
+      use_rslora=False,
+      use_dora=False,
+      quantize_base=config_dict.placeholder(str),  # None | 'int8' | 'nf4' | 'int4'
+  )
   c.data = dict(
       path='',  # shorthand for one source: .jsonl(.gz) | .json | .parquet | .array_record | tfds://
       sources=[],  # [{'path': ..., 'weight': 1.0, 'format': 'auto', 'split': ''}, ...]: a mixture

@@ -39,6 +39,8 @@ def decay_mask(params: Any, *, decay_embeddings: bool) -> Any:
     names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
     if 'embed' in names and not decay_embeddings:
       return False
+    if 'magnitude' in names:  # DoRA magnitudes are scales, like norms
+      return False
     layered = 'blocks' in names  # stacked layers carry one extra leading axis
     return x.ndim - int(layered) >= 2
 

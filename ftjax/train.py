@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax import (
+  build,
   checkpoint,
   data,
   losses,
@@ -62,7 +63,9 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
   """Gradients of the summed masked loss, with that sum and the masked-token count."""
 
   def sum_loss(params):
-    stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef)
+    # Fresh Variables for the frozen weights at this trace level: NNX transforms inside the
+    # model (the layer scan) refuse Variables created outside the gradient trace.
+    stats = _loss_and_stats(params, jax.tree.map(lambda x: x, frozen), batch, graphdef=graphdef)
     return stats['loss_sum'], stats['tokens']
 
   (loss_sum, tokens), grads = jax.value_and_grad(sum_loss, has_aux=True)(params)
@@ -144,7 +147,8 @@ def model_config(model: ml_collections.ConfigDict) -> llama.Config:
 
 def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
           optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
-          pretrained_path: str = '', devices=None) -> Trainer:
+          pretrained_path: str = '', lora_options: dict[str, Any] | None = None,
+          devices=None) -> Trainer:
   """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps."""
   try:
     mesh = sharding.make_mesh(mesh_shape, devices)
@@ -157,15 +161,15 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
         f'data.global_batch={global_batch} must be divisible by the {shards} batch shards of '
         f'mesh {dict(mesh.shape)} times optim.grad_accum={grad_accum} '
         f'(= {shards * grad_accum}).')
-  with sharding.use(mesh, rules):
-    if pretrained_path:
-      graphdef, abstract = pretrained.abstract_model(arch, **model_options)
-      model = nnx.merge(graphdef, pretrained.load_params(pretrained_path, arch, abstract, mesh,
-                                                         rules))
-    else:
-      model = sharding.create_sharded(
-          lambda: llama.Llama(arch, rngs=nnx.Rngs(seed), **model_options), mesh, rules)
-  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  try:
+    model, trainable = build.model(arch, model_options=model_options, mesh=mesh, rules=rules,
+                                   seed=seed, pretrained_path=pretrained_path,
+                                   lora_options=lora_options)
+  except ValueError as e:
+    if 'lora.targets' not in str(e):
+      raise
+    raise ConfigError(str(e)) from None
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
   tx, lr_fn = optim.make(**optim_kwargs)
 
   def init_state(params):
@@ -264,6 +268,14 @@ def _logged_eval_before(workdir: str) -> dict[str, Any] | None:
   return None
 
 
+def lora_options(c_lora: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """The `lora` section as keyword arguments; None for full fine-tuning (rank 0)."""
+  if not c_lora.rank:
+    return None
+  return dict(rank=c_lora.rank, alpha=c_lora.alpha, targets=c_lora.targets,
+              use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora)
+
+
 def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
   """data.tokenizer, else the pretrained folder's tokenizer, else the built-in byte one."""
   return config.data.tokenizer or config.model.pretrained or tokenizer.BYTE
@@ -303,6 +315,14 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'{key}={value!r} is not one of {allowed}')
+  if config.lora.rank < 0:
+    raise ConfigError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning)')
+  if config.lora.dropout:
+    raise ConfigError(f'lora.dropout={config.lora.dropout}: adapter dropout is not implemented '
+                      'yet; use 0.0')
+  if config.lora.quantize_base:
+    raise ConfigError(f'lora.quantize_base={config.lora.quantize_base!r}: quantized frozen bases '
+                      'are not implemented yet; use None')
   positive = {'train.steps': config.train.steps, 'data.seq_len': config.data.seq_len,
               'data.global_batch': config.data.global_batch,
               'optim.grad_accum': config.optim.grad_accum,
@@ -361,7 +381,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          remat=c_model.remat, attention_impl=c_model.attention),
       mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
       optim_kwargs=_optim_kwargs(config.optim, c_train.steps), grad_accum=config.optim.grad_accum,
-      global_batch=c_data.global_batch, seed=c_train.seed, pretrained_path=c_model.pretrained)
+      global_batch=c_data.global_batch, seed=c_train.seed, pretrained_path=c_model.pretrained,
+      lora_options=lora_options(config.lora))
   options = data_options(config)
   train_iter = data.train_batches(train_sources(c_data), options,
                                   global_batch=c_data.global_batch, seed=c_train.seed,

@@ -1,0 +1,171 @@
+"""LoRA adapters (plain, rsLoRA, DoRA) by module surgery, and merging them back for export.
+
+`apply` swaps every `Einsum` whose path matches `targets` for a `LoRAEinsum` holding the frozen
+base weight plus trainable `nnx.LoRAParam`s `a` and `b` (`b` starts at zero, so the model's
+outputs are unchanged at step 0). Adapters take their logical axis names from the base kernel
+(`(*in, 'lora')` and `('lora', *out)`, plus the stacked `'layers'` axis), so they shard with it.
+Full and LoRA fine-tuning share one training path; only the trainable filter differs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.models import layers
+
+# Short names users write in `lora.targets`, and their paths in the model.
+MODULES = {
+    'q': 'attn.q', 'k': 'attn.k', 'v': 'attn.v', 'o': 'attn.o',
+    'gate': 'mlp.gate', 'up': 'mlp.up', 'down': 'mlp.down',
+}
+
+
+def target_regex(targets: str | list[str] | tuple[str, ...]) -> str:
+  """'all-linear', a list of short names (q, k, v, o, gate, up, down), or a regex over paths."""
+  if targets == 'all-linear':
+    targets = list(MODULES)
+  if isinstance(targets, str) and re.fullmatch(r'\w+(,\w+)*', targets):
+    targets = targets.split(',')
+  if isinstance(targets, (list, tuple)):
+    unknown = [t for t in targets if t not in MODULES]
+    if unknown:
+      raise ValueError(f'lora.targets: unknown modules {unknown}; choose from {list(MODULES)} '
+                       "or 'all-linear', or give a regex over module paths")
+    return r'(' + '|'.join(re.escape(MODULES[t]) for t in targets) + r')$'
+  return targets
+
+
+def _split_eqn(eqn: str) -> tuple[str, str, str]:
+  ins, out = eqn.split('->')
+  x, w = ins.split(',')
+  return x, w, out
+
+
+class LoRAEinsum(nnx.Module):
+  """`base(x) + scale * (x a) b`, or DoRA's magnitude-normalised version of the same."""
+
+  def __init__(self, base: layers.Einsum, *, rank: int, alpha: float, use_rslora: bool,
+               use_dora: bool, rngs: nnx.Rngs):
+    x, w, out = _split_eqn(base.eqn)
+    kernel = base.w
+    names = tuple(kernel.get_metadata().get('out_sharding') or (None,) * kernel.ndim)
+    stacked = kernel.ndim == len(w) + 1  # a leading 'layers' axis from the scanned blocks
+    lead_shape, lead_names = (kernel.shape[:1], names[:1]) if stacked else ((), ())
+    w_shape, w_names = kernel.shape[len(lead_shape):], names[len(lead_names):]
+    contracted = [i for i, c in enumerate(w) if c in x]
+    kept = [i for i, c in enumerate(w) if c not in x]
+    self.base = base
+    self.rank, self.use_dora = rank, use_dora
+    self.scale = alpha / (rank**0.5 if use_rslora else rank)
+    self.in_letters = ''.join(w[i] for i in contracted)
+    self.out_letters = ''.join(w[i] for i in kept)
+    self.x_letters, self.y_letters = x, out
+    dtype = kernel.get_value().dtype
+    a_shape = (*lead_shape, *(w_shape[i] for i in contracted), rank)
+    a_names = (*lead_names, *(w_names[i] for i in contracted), 'lora')
+    b_shape = (*lead_shape, rank, *(w_shape[i] for i in kept))
+    b_names = (*lead_names, 'lora', *(w_names[i] for i in kept))
+    fan_in = int(jnp.prod(jnp.array([w_shape[i] for i in contracted])))
+    # As PEFT: a ~ Kaiming-uniform (a=sqrt(5)) i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); b = 0.
+    bound = 1.0 / fan_in**0.5
+    self.a = nnx.LoRAParam(jax.random.uniform(rngs.params(), a_shape, dtype, -bound, bound),
+                           out_sharding=a_names, eager_sharding=False)
+    self.b = nnx.LoRAParam(jnp.zeros(b_shape, dtype), out_sharding=b_names,
+                           eager_sharding=False)
+    if use_dora:
+      self.magnitude = nnx.LoRAParam(
+          self._column_norm(kernel.get_value().astype(jnp.float32)).astype(dtype),
+          out_sharding=(*lead_names, *(w_names[i] for i in kept)), eager_sharding=False)
+
+  def _column_norm(self, weight: jax.Array) -> jax.Array:
+    """L2 norm over the input (contracted) dims, per output feature."""
+    # Weight dims are ordered as in the equation; contracted letters may not come first.
+    w = self.base.eqn.split('->')[0].split(',')[1]
+    lead = weight.ndim - len(w)
+    axes = tuple(lead + i for i, c in enumerate(w) if c in self.in_letters)
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=axes))
+
+  def delta(self) -> jax.Array:
+    """scale * a b in the base weight's layout (dims ordered as the equation's weight)."""
+    w = self.base.eqn.split('->')[0].split(',')[1]
+    lead = 'L' if self.a.ndim > len(self.in_letters) + 1 else ''
+    ab = jnp.einsum(f'{lead}{self.in_letters}R,{lead}R{self.out_letters}->{lead}{w}',
+                    self.a.get_value().astype(jnp.float32),
+                    self.b.get_value().astype(jnp.float32))
+    return self.scale * ab
+
+  def merged_weight(self) -> jax.Array:
+    """The plain weight equal to this adapted layer (for export), in float32."""
+    weight = self.base.w.get_value().astype(jnp.float32) + self.delta()
+    if not self.use_dora:
+      return weight
+    factor = self.magnitude.get_value().astype(jnp.float32) / self._column_norm(weight)
+    w = self.base.eqn.split('->')[0].split(',')[1]
+    lead = weight.ndim - len(w)
+    expand = tuple(lead + i for i, c in enumerate(w) if c in self.in_letters)
+    return weight * jnp.expand_dims(factor, expand)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.base.dtype
+    x = x.astype(dtype)
+    if self.use_dora:
+      # DoRA: magnitude * (W + s a b) / ||W + s a b||, the norm treated as a constant in the
+      # backward pass (as in the paper and PEFT).
+      weight = self.base.w.get_value().astype(jnp.float32) + self.delta()
+      norm = jax.lax.stop_gradient(self._column_norm(weight))
+      factor = (self.magnitude.get_value().astype(jnp.float32) / norm).astype(dtype)
+      y = jnp.einsum(self.base.eqn, x, weight.astype(dtype))
+      return y * factor.reshape((1,) * (y.ndim - factor.ndim) + factor.shape)
+    y = self.base(x)
+    xa = jnp.einsum(f'{self.x_letters},{self.in_letters}R->'
+                    f'{"".join(c for c in self.x_letters if c not in self.in_letters)}R',
+                    x, self.a.get_value().astype(dtype))
+    return y + self.scale * jnp.einsum(
+        f'{"".join(c for c in self.x_letters if c not in self.in_letters)}R,'
+        f'R{self.out_letters}->{self.y_letters}', xa, self.b.get_value().astype(dtype))
+
+
+def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
+  """'blocks.attn.q' -> (parent module, attribute, Einsum) for every Einsum in the model."""
+  out = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, layers.Einsum) and path:
+      parent = model
+      for key in path[:-1]:
+        parent = getattr(parent, key) if not isinstance(key, int) else parent[key]
+      out['.'.join(str(p) for p in path)] = (parent, path[-1], node)
+  return out
+
+
+def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslora: bool = False,
+          use_dora: bool = False, seed: int = 0) -> list[str]:
+  """Wraps every Einsum whose path matches `targets` in a LoRAEinsum; returns the wrapped paths."""
+  pattern = re.compile(target_regex(targets))
+  modules = _paths(model)
+  chosen = sorted(p for p in modules if pattern.search(p))
+  if not chosen:
+    raise ValueError(f'lora.targets={targets!r} matches no module; the model has '
+                     f'{sorted(modules)} (short names: {list(MODULES)}, or "all-linear")')
+  rngs = nnx.Rngs(seed)
+  for path in chosen:
+    parent, attr, base = modules[path]
+    setattr(parent, attr, LoRAEinsum(base, rank=rank, alpha=alpha, use_rslora=use_rslora,
+                                     use_dora=use_dora, rngs=rngs))
+  return chosen
+
+
+def merge(model: nnx.Module) -> None:
+  """Folds every adapter into its base weight in place (the model becomes a plain model)."""
+  for path, node in list(nnx.iter_graph(model)):
+    if isinstance(node, LoRAEinsum):
+      parent = model
+      for key in path[:-1]:
+        parent = getattr(parent, key)
+      base = node.base
+      base.w.set_value(node.merged_weight().astype(base.w.get_value().dtype))
+      setattr(parent, path[-1], base)
