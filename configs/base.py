@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
       use_rslora=False,
       use_dora=False,
       quantize_base=config_dict.placeholder(str),  # None | 'int8' | 'nf4' | 'int4'
+      adapter='',  # a PEFT LoRA adapter folder to continue training (its settings win)
   )
   c.data = dict(
       path='',  # shorthand for one source: .jsonl(.gz) | .json | .parquet | .array_record | tfds://

@@ -26,9 +26,15 @@ def model(arch: llama.Config, *, model_options: dict[str, Any], mesh: jax.shardi
     else:
       module = sharding.create_sharded(
           lambda: llama.Llama(arch, rngs=nnx.Rngs(seed), **model_options), mesh, rules)
-  if not lora_options or not lora_options['rank']:
+  if not lora_options:
     return module, nnx.Param
-  lora.apply(module, rank=lora_options['rank'], alpha=lora_options['alpha'],
-             targets=lora_options['targets'], use_rslora=lora_options['use_rslora'],
-             use_dora=lora_options['use_dora'], seed=seed)
+  if lora_options.get('adapter'):
+    lora.load_peft(module, lora_options['adapter'])  # continue training a PEFT adapter
+  else:
+    lora.apply(module, rank=lora_options['rank'], alpha=lora_options['alpha'],
+               targets=lora_options['targets'], use_rslora=lora_options['use_rslora'],
+               use_dora=lora_options['use_dora'], seed=seed)
+  # Adapters are small and made on one device; lay them out like their base kernels.
+  adapters = nnx.state(module, nnx.LoRAParam)
+  nnx.update(module, jax.device_put(adapters, sharding.state_shardings(adapters, mesh, rules)))
   return module, nnx.LoRAParam

@@ -18,6 +18,8 @@ _OUT = flags.DEFINE_string('out', None, 'export: the Hugging Face folder to writ
 _SOURCE = flags.DEFINE_string('source', None, 'data prepare: the source to convert.')
 _SPLIT = flags.DEFINE_string('split', '', 'data prepare: split of a tfds:// source.')
 _BATCHES = flags.DEFINE_integer('batches', 50, 'data bench: batches to time.')
+_FORMAT = flags.DEFINE_enum('format', 'hf', ['hf', 'peft'],
+                            'export: hf (full model; LoRA merged) or peft (adapter folder).')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
                            'export: dtype of the written weights.')
 
@@ -92,17 +94,18 @@ def _train(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-  from ftjax import pretrained
+  from ftjax import export
 
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value or not _OUT.value:
-    _fail('usage: ftjax export --workdir RUN --out HF_DIR [--dtype bfloat16|float32]')
+    _fail('usage: ftjax export --workdir RUN --out DIR [--format hf|peft] '
+          '[--dtype bfloat16|float32]')
   if not os.path.isfile(os.path.join(_WORKDIR.value, 'config.json')):
     _fail(f'--workdir={_WORKDIR.value!r} holds no config.json: not an ftjax run directory')
   try:
-    out = pretrained.export(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value)
-  except FileNotFoundError as e:
+    out = export.export(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value, dtype=_DTYPE.value)
+  except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
   print(f'exported {_WORKDIR.value} -> {out}')
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import checkpoint, sharding, tokenizer, weights
+from ftjax import sharding, tokenizer, weights
 from ftjax.models import llama
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -64,24 +63,3 @@ def save_pretrained(model: llama.Llama, out_dir: str, *, dtype: str = 'bfloat16'
                tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir)
                else None)
 
-
-def export(workdir: str, out_dir: str, *, dtype: str = 'bfloat16', step: int | None = None) -> str:
-  """Writes the run in `workdir` (its latest or `step` checkpoint) as a Hugging Face folder.
-
-  Returns the folder. Runs on any number of devices: the parameters are restored straight
-  into a fully sharded layout and gathered one tensor at a time.
-  """
-  with open(os.path.join(workdir, 'config.json')) as f:
-    run = json.load(f)
-  cfg = llama.Config(**run['resolved_model'])
-  mesh = sharding.make_mesh((1, -1, 1))
-  rules = sharding.get_rules(run['mesh']['rules'])
-  _, abstract = abstract_model(cfg, param_dtype=DTYPES[run['model']['param_dtype']])
-  shardings = sharding.state_shardings(abstract, mesh, rules)
-  params = checkpoint.restore_params(workdir, abstract, shardings, step)
-  source = run['data']['tokenizer'] or run['model']['pretrained'] or tokenizer.BYTE
-  folder = source if os.path.isdir(source) else None
-  weights.save(params, cfg, out_dir, dtype=dtype, tokenizer_dir=folder)
-  if folder is None and jax.process_index() == 0:
-    tokenizer.load(source).save(out_dir)
-  return out_dir

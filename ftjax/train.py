@@ -270,10 +270,10 @@ def _logged_eval_before(workdir: str) -> dict[str, Any] | None:
 
 def lora_options(c_lora: ml_collections.ConfigDict) -> dict[str, Any] | None:
   """The `lora` section as keyword arguments; None for full fine-tuning (rank 0)."""
-  if not c_lora.rank:
+  if not c_lora.rank and not c_lora.adapter:
     return None
   return dict(rank=c_lora.rank, alpha=c_lora.alpha, targets=c_lora.targets,
-              use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora)
+              use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora, adapter=c_lora.adapter)
 
 
 def tokenizer_spec(config: ml_collections.ConfigDict) -> str:

@@ -41,3 +41,16 @@ def small_config(addition_data):
   c.optim.update(lr=3e-3, warmup_steps=2)
   c.train.update(steps=6, log_every=2, eval_every=0, progress=False)
   return c
+
+
+@pytest.fixture
+def hf_folder(tmp_path, addition_data):
+  """A tiny random Qwen3 checkpoint with a BPE tokenizer trained on the addition task."""
+  from test_pretrained_run import add_bpe_tokenizer
+  from test_weights import make_hf
+
+  folder = str(tmp_path / 'base')
+  make_hf('qwen3', folder, vocab_size=320)
+  with open(addition_data[0]) as f:
+    add_bpe_tokenizer(folder, f.readlines() * 4)
+  return folder

@@ -14,6 +14,7 @@ from test_weights import hf_logits, make_hf
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import ftjax
+import ftjax.export
 from conftest import REPO
 from ftjax import train
 
@@ -32,16 +33,6 @@ def add_bpe_tokenizer(folder, texts):
   fast.save_pretrained(folder)
 
 
-@pytest.fixture
-def hf_folder(tmp_path, addition_data):
-  folder = str(tmp_path / 'base')
-  make_hf('qwen3', folder, vocab_size=320)
-  with open(addition_data[0]) as f:
-    texts = f.readlines() * 4
-  add_bpe_tokenizer(folder, texts)
-  return folder
-
-
 def _run(config, hf_folder, workdir, *, lr):
   config.model.update(**{k: None for k in ('vocab_size', 'embed_dim', 'mlp_dim', 'num_layers',
                                            'num_heads', 'num_kv_heads', 'head_dim')})
@@ -54,7 +45,7 @@ def _run(config, hf_folder, workdir, *, lr):
 
 def test_zero_lr_run_exports_the_original_weights_bit_exactly(small_config, hf_folder, tmp_path):
   _run(small_config, hf_folder, tmp_path / 'run', lr=0.0)
-  ftjax.pretrained.export(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32')
+  ftjax.export.export(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32')
   before, after = load_file(f'{hf_folder}/model.safetensors'), load_file(
       tmp_path / 'out' / 'model.safetensors')
   assert set(before) == set(after)

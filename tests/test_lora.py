@@ -1,0 +1,96 @@
+"""LoRA, rsLoRA and DoRA: unchanged at init, only adapters train, merge exactly, small state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ftjax import lora, train
+from ftjax.models import llama
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)))
+VARIANTS = {'lora': {}, 'rslora': dict(use_rslora=True), 'dora': dict(use_dora=True)}
+
+
+def _perturb_adapters(model):
+  """Non-zero B (and magnitudes), as after some training."""
+  key = jax.random.key(1)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, lora.LoRAEinsum):
+      key, sub = jax.random.split(key)
+      node.b.set_value(0.1 * jax.random.normal(sub, node.b.shape))
+      if node.use_dora:
+        node.magnitude.set_value(node.magnitude.get_value() * 1.2)
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_logits_unchanged_at_init_and_merge_is_exact(variant):
+  model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
+  base = np.asarray(model(TOKENS))
+  lora.apply(model, rank=4, alpha=8.0, targets='all-linear', **VARIANTS[variant])
+  at_init = np.asarray(model(TOKENS))
+  if variant == 'dora':
+    # DoRA rescales by magnitude / ||W|| = 1 at init, which is exact only up to rounding.
+    np.testing.assert_allclose(at_init, base, atol=1e-6)
+  else:
+    np.testing.assert_array_equal(at_init, base)
+  _perturb_adapters(model)
+  unmerged = np.asarray(model(TOKENS))
+  assert np.max(np.abs(unmerged - base)) > 1e-2
+  lora.merge(model)
+  assert not any(isinstance(n, lora.LoRAEinsum) for _, n in nnx.iter_graph(model))
+  np.testing.assert_allclose(np.asarray(model(TOKENS)), unmerged, atol=2e-6, rtol=1e-5)
+
+
+def test_one_step_changes_only_adapters(small_config):
+  small_config.lora.update(rank=4, alpha=8.0)
+  arch = train.model_config(small_config.model)
+  trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, -1, 1), rules_name='fsdp_tp',
+                        optim_kwargs=train._optim_kwargs(small_config.optim, 10), grad_accum=1,
+                        global_batch=8, seed=0, lora_options=train.lora_options(small_config.lora))
+  names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      trainer.state.params)}
+  assert names and all(("['a']" in n or "['b']" in n) for n in names)
+  frozen_before = jax.device_get(trainer.frozen)
+  params_before = jax.device_get(trainer.state.params)
+  batch = train.data.to_global(
+      train.data.eval_batches([train.data.Source(small_config.data.path)],
+                              train.data_options(small_config), global_batch=8)[0],
+      trainer.batch_sharding)
+  with train.sharding.use(trainer.mesh, trainer.rules):
+    state, _ = trainer.train_step(trainer.state, trainer.frozen, batch)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.frozen), frozen_before)
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state.params),
+                         params_before)
+  assert any(jax.tree.leaves(changed))
+  # Adapters shard with their base kernels: the stacked 'layers' axis plus the base's names.
+  q_a = state.params['blocks']['attn']['q']['a']
+  assert q_a.get_metadata()['out_sharding'] == ('layers', 'embed', 'lora')
+
+
+def _optimizer_bytes(arch, rank):
+  model = nnx.eval_shape(lambda: llama.Llama(arch, rngs=nnx.Rngs(0)))
+  if rank:
+    lora.apply(model, rank=rank, alpha=16.0, targets='all-linear')
+  _, params, _ = nnx.split(model, nnx.LoRAParam if rank else nnx.Param, ...)
+  opt_state = jax.eval_shape(optax.adamw(1e-4).init, params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+
+
+@pytest.mark.parametrize('preset,rank,bound', [('tiny', 8, 0.15), ('llama3p2_1b', 16, 0.01)])
+def test_lora_optimizer_state_is_a_small_fraction(preset, rank, bound):
+  arch = llama.PRESETS[preset]
+  ratio = _optimizer_bytes(arch, rank) / _optimizer_bytes(arch, 0)
+  print(f'{preset}: LoRA rank {rank} optimizer state / full = {ratio:.4f}')
+  assert ratio < bound
+
+
+def test_targets_that_match_nothing_list_the_modules():
+  model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"matches no module; the model has \['blocks.attn.k'"):
+    lora.apply(model, rank=4, alpha=8.0, targets=r'self_attn\.q_proj')
+  with pytest.raises(ValueError, match=r"unknown modules \['qproj'\]"):
+    lora.apply(model, rank=4, alpha=8.0, targets='qproj,v')
+  assert lora.apply(model, rank=4, alpha=8.0, targets='q,v') == ['blocks.attn.q', 'blocks.attn.v']
