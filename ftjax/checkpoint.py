@@ -134,7 +134,7 @@ def find_step_dir(path: str) -> tuple[str, int]:
   base = os.path.basename(path)
   if base.isdigit():
     return os.path.dirname(path), int(base)
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   manager.close()
   if step is None:
@@ -146,7 +146,7 @@ def latest_step(workdir: str) -> int | None:
   if not os.path.isdir(directory(workdir)):
     return None
   manager = ocp.CheckpointManager(directory(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   manager.close()
   return step
@@ -161,7 +161,7 @@ def restore_params(workdir: str, abstract_params: nnx.State, shardings: nnx.Stat
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params, shardings)
   manager = ocp.CheckpointManager(directory(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={'params': target}, restore_args=jax.tree.map(
           lambda s: ocp.ArrayRestoreArgs(sharding=s), {'params': shardings}),

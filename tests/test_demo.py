@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -27,3 +29,29 @@ def test_demo_accuracy_rises(tmp_path):
   assert [r['step'] for r in evals] == [0, 300, 600]
   assert abs(evals[-1]['eval_accuracy'] - after) <= 0.005
   assert evals[-1]['eval_loss'] < 0.25 * evals[0]['eval_loss']
+
+
+@pytest.mark.slow
+def test_lora_on_a_partly_trained_demo_model_raises_accuracy(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+
+  def ftjax(*args):
+    result = subprocess.run([sys.executable, '-m', 'ftjax.main', *args,
+                             '--config.train.progress=False'] if args[0] == 'train' else
+                            [sys.executable, '-m', 'ftjax.main', *args],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+  ftjax('train', '--config', f'{REPO}/configs/demo.py', f'--workdir={tmp_path}/base',
+        '--config.train.steps=300', '--config.train.eval_every=0')
+  ftjax('export', f'--workdir={tmp_path}/base', f'--out={tmp_path}/base_hf', '--dtype=float32')
+  out = ftjax('train', '--config', f'{REPO}/configs/demo_lora.py', f'--workdir={tmp_path}/lora',
+              f'--config.model.pretrained={tmp_path}/base_hf')
+  match = re.search(r'held-out accuracy: before (\d\.\d\d) -> after (\d\.\d\d)', out)
+  assert match, out
+  assert float(match.group(2)) > float(match.group(1))
+  lines = (tmp_path / 'lora' / 'metrics.jsonl').read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  evals = [r['eval_loss'] for r in rows if 'eval_loss' in r]
+  assert evals[-1] < evals[0]
