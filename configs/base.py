@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
       targets='all-linear',  # 'all-linear' | comma-separated q,k,v,o,gate,up,down | a path regex
       use_rslora=False,
       use_dora=False,
-      quantize_base=config_dict.placeholder(str),  # None | 'int8' | 'nf4' | 'int4'
+      quantize_base=config_dict.placeholder(str),  # None | 'int8' | 'int4': QLoRA-style frozen base
       adapter='',  # a PEFT LoRA adapter folder to continue training (its settings win)
   )
   c.data = dict(

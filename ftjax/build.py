@@ -10,7 +10,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ftjax import lora, pretrained, sharding
+from ftjax import lora, pretrained, quantize, sharding
 from ftjax.models import llama
 
 
@@ -28,6 +28,10 @@ def model(arch: llama.Config, *, model_options: dict[str, Any], mesh: jax.shardi
           lambda: llama.Llama(arch, rngs=nnx.Rngs(seed), **model_options), mesh, rules)
   if not lora_options:
     return module, nnx.Param
+  if lora_options.get('quantize_base'):
+    quantize.apply(module, lora_options['quantize_base'])
+    frozen = nnx.state(module, quantize.Quantized)
+    nnx.update(module, jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules)))
   if lora_options.get('adapter'):
     lora.load_peft(module, lora_options['adapter'])  # continue training a PEFT adapter
   else:

@@ -33,7 +33,7 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   c_lora = run['lora']
   lora_options = (dict(rank=c_lora['rank'], alpha=c_lora['alpha'], targets=c_lora['targets'],
                        use_rslora=c_lora['use_rslora'], use_dora=c_lora['use_dora'],
-                       adapter=c_lora.get('adapter', ''))
+                       adapter=c_lora.get('adapter', ''))  # merged into the unquantized base
                   if c_lora['rank'] or c_lora.get('adapter') else None)
   if fmt == 'peft' and lora_options is None:
     raise ValueError(f'{workdir} is a full fine-tuning run (lora.rank=0): export it with '

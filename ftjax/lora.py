@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax import quantize
 from ftjax.models import layers
 
 # Short names users write in `lora.targets`, and their paths in the model.
@@ -52,7 +53,8 @@ class LoRAEinsum(nnx.Module):
   def __init__(self, base: layers.Einsum, *, rank: int, alpha: float, use_rslora: bool,
                use_dora: bool, rngs: nnx.Rngs):
     x, w, out = _split_eqn(base.eqn)
-    kernel = base.w
+    quantized = not isinstance(base, layers.Einsum)  # a quantize.QuantizedEinsum (QLoRA)
+    kernel = base.q if quantized else base.w
     names = tuple(kernel.get_metadata().get('out_sharding') or (None,) * kernel.ndim)
     stacked = kernel.ndim == len(w) + 1  # a leading 'layers' axis from the scanned blocks
     lead_shape, lead_names = (kernel.shape[:1], names[:1]) if stacked else ((), ())
@@ -65,7 +67,7 @@ class LoRAEinsum(nnx.Module):
     self.in_letters = ''.join(w[i] for i in contracted)
     self.out_letters = ''.join(w[i] for i in kept)
     self.x_letters, self.y_letters = x, out
-    dtype = kernel.get_value().dtype
+    dtype = jnp.float32 if quantized else kernel.get_value().dtype
     a_shape = (*lead_shape, *(w_shape[i] for i in contracted), rank)
     a_names = (*lead_names, *(w_names[i] for i in contracted), 'lora')
     b_shape = (*lead_shape, rank, *(w_shape[i] for i in kept))
@@ -79,8 +81,14 @@ class LoRAEinsum(nnx.Module):
                            eager_sharding=False)
     if use_dora:
       self.magnitude = nnx.LoRAParam(
-          self._column_norm(kernel.get_value().astype(jnp.float32)).astype(dtype),
+          self._column_norm(self._base_weight()).astype(dtype),
           out_sharding=(*lead_names, *(w_names[i] for i in kept)), eager_sharding=False)
+
+  def _base_weight(self) -> jax.Array:
+    """The frozen base weight in float32 (dequantized for a quantized base)."""
+    if isinstance(self.base, layers.Einsum):
+      return self.base.w.get_value().astype(jnp.float32)
+    return self.base.weight()
 
   def _column_norm(self, weight: jax.Array) -> jax.Array:
     """L2 norm over the input (contracted) dims, per output feature."""
@@ -101,7 +109,7 @@ class LoRAEinsum(nnx.Module):
 
   def merged_weight(self) -> jax.Array:
     """The plain weight equal to this adapted layer (for export), in float32."""
-    weight = self.base.w.get_value().astype(jnp.float32) + self.delta()
+    weight = self._base_weight() + self.delta()
     if not self.use_dora:
       return weight
     factor = self.magnitude.get_value().astype(jnp.float32) / self._column_norm(weight)
@@ -116,7 +124,7 @@ class LoRAEinsum(nnx.Module):
     if self.use_dora:
       # DoRA: magnitude * (W + s a b) / ||W + s a b||, the norm treated as a constant in the
       # backward pass (as in the paper and PEFT).
-      weight = self.base.w.get_value().astype(jnp.float32) + self.delta()
+      weight = self._base_weight() + self.delta()
       norm = jax.lax.stop_gradient(self._column_norm(weight))
       factor = (self.magnitude.get_value().astype(jnp.float32) / norm).astype(dtype)
       y = jnp.einsum(self.base.eqn, x, weight.astype(dtype))
@@ -134,7 +142,7 @@ def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
   """'blocks.attn.q' -> (parent module, attribute, Einsum) for every Einsum in the model."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, layers.Einsum) and path:
+    if isinstance(node, (layers.Einsum, quantize.QuantizedEinsum)) and path:
       parent = model
       for key in path[:-1]:
         parent = getattr(parent, key) if not isinstance(key, int) else parent[key]

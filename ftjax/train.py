@@ -32,6 +32,7 @@ from ftjax import (
   models,
   optim,
   pretrained,
+  quantize,
   sharding,
   tokenizer,
   weights,
@@ -273,7 +274,8 @@ def lora_options(c_lora: ml_collections.ConfigDict) -> dict[str, Any] | None:
   if not c_lora.rank and not c_lora.adapter:
     return None
   return dict(rank=c_lora.rank, alpha=c_lora.alpha, targets=c_lora.targets,
-              use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora, adapter=c_lora.adapter)
+              use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora, adapter=c_lora.adapter,
+              quantize_base=c_lora.quantize_base)
 
 
 def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
@@ -321,8 +323,12 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
     raise ConfigError(f'lora.dropout={config.lora.dropout}: adapter dropout is not implemented '
                       'yet; use 0.0')
   if config.lora.quantize_base:
-    raise ConfigError(f'lora.quantize_base={config.lora.quantize_base!r}: quantized frozen bases '
-                      'are not implemented yet; use None')
+    if config.lora.quantize_base not in quantize.BITS:
+      raise ConfigError(f'lora.quantize_base={config.lora.quantize_base!r}; expected one of '
+                        f'{list(quantize.BITS)} or None (nf4 is not implemented: use int4)')
+    if not (config.lora.rank or config.lora.adapter):
+      raise ConfigError('lora.quantize_base needs adapters (lora.rank > 0): a quantized base '
+                        'is frozen')
   positive = {'train.steps': config.train.steps, 'data.seq_len': config.data.seq_len,
               'data.global_batch': config.data.global_batch,
               'optim.grad_accum': config.optim.grad_accum,

@@ -51,7 +51,15 @@ def test_lora_on_a_partly_trained_demo_model_raises_accuracy(tmp_path):
   match = re.search(r'held-out accuracy: before (\d\.\d\d) -> after (\d\.\d\d)', out)
   assert match, out
   assert float(match.group(2)) > float(match.group(1))
-  lines = (tmp_path / 'lora' / 'metrics.jsonl').read_text().splitlines()
-  rows = [json.loads(line) for line in lines]
-  evals = [r['eval_loss'] for r in rows if 'eval_loss' in r]
-  assert evals[-1] < evals[0]
+  lora_evals = _eval_losses(tmp_path / 'lora')
+  assert lora_evals[-1] < lora_evals[0]
+  # QLoRA (int8 frozen base) follows the same course closely.
+  ftjax('train', '--config', f'{REPO}/configs/demo_lora.py', f'--workdir={tmp_path}/qlora',
+        f'--config.model.pretrained={tmp_path}/base_hf', '--config.lora.quantize_base=int8')
+  qlora_evals = _eval_losses(tmp_path / 'qlora')
+  assert qlora_evals[-1] == pytest.approx(lora_evals[-1], rel=0.05)
+
+
+def _eval_losses(workdir):
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return [r['eval_loss'] for r in map(json.loads, lines) if 'eval_loss' in r]

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ftjax import lora, train
+from ftjax import lora, quantize, train
 from ftjax.models import llama
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)))
@@ -94,3 +94,38 @@ def test_targets_that_match_nothing_list_the_modules():
   with pytest.raises(ValueError, match=r"unknown modules \['qproj'\]"):
     lora.apply(model, rank=4, alpha=8.0, targets='qproj,v')
   assert lora.apply(model, rank=4, alpha=8.0, targets='q,v') == ['blocks.attn.q', 'blocks.attn.v']
+
+
+@pytest.mark.parametrize('kind,tolerance', [('int8', 0.02), ('int4', 0.35)])
+def test_quantized_base_stays_close_and_merges(kind, tolerance):
+  model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
+  base = np.asarray(model(TOKENS))
+  assert len(quantize.apply(model, kind)) == 7
+  quantized = np.asarray(model(TOKENS))
+  # Relative to the logits' scale: int8 per-channel is tight, int4 per-64-block is coarse.
+  assert np.max(np.abs(quantized - base)) < tolerance * np.max(np.abs(base))
+  lora.apply(model, rank=4, alpha=8.0, targets='all-linear')
+  np.testing.assert_array_equal(np.asarray(model(TOKENS)), quantized)
+  _, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
+  assert {str(x.dtype) for x in jax.tree.leaves(frozen)} >= {kind}
+
+
+def _frozen_bytes(kind):
+  def make():
+    model = llama.Llama(llama.PRESETS['llama3p2_1b'], rngs=nnx.Rngs(0),
+                        param_dtype=jnp.bfloat16)
+    if kind:
+      quantize.apply(model, kind)
+    return model
+
+  bits = {'int4': 4}
+  return sum(x.size * bits.get(str(x.dtype), 8 * x.dtype.itemsize) / 8
+             for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make))))
+
+
+def test_quantized_base_memory_for_a_1b_model():
+  full, int8, int4 = _frozen_bytes(None), _frozen_bytes('int8'), _frozen_bytes('int4')
+  print(f'llama3p2_1b frozen weights: bf16 {full / 2**30:.2f} GiB, int8 {int8 / 2**30:.2f} GiB, '
+        f'int4 {int4 / 2**30:.2f} GiB (embeddings stay bf16)')
+  assert int8 < 0.65 * full and int4 < 0.45 * full
