@@ -33,11 +33,13 @@ def model(arch: llama.Config, *, model_options: dict[str, Any], mesh: jax.shardi
     frozen = nnx.state(module, quantize.Quantized)
     nnx.update(module, jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules)))
   if lora_options.get('adapter'):
-    lora.load_peft(module, lora_options['adapter'])  # continue training a PEFT adapter
+    # Continue training a PEFT adapter.
+    lora.load_peft(module, lora_options['adapter'], dropout=lora_options.get('dropout', 0.0))
   else:
     lora.apply(module, rank=lora_options['rank'], alpha=lora_options['alpha'],
                targets=lora_options['targets'], use_rslora=lora_options['use_rslora'],
-               use_dora=lora_options['use_dora'], seed=seed)
+               use_dora=lora_options['use_dora'], dropout=lora_options.get('dropout', 0.0),
+               seed=seed)
   # Adapters are small and made on one device; lay them out like their base kernels.
   adapters = nnx.state(module, nnx.LoRAParam)
   nnx.update(module, jax.device_put(adapters, sharding.state_shardings(adapters, mesh, rules)))

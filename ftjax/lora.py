@@ -51,7 +51,7 @@ class LoRAEinsum(nnx.Module):
   """`base(x) + scale * (x a) b`, or DoRA's magnitude-normalised version of the same."""
 
   def __init__(self, base: layers.Einsum, *, rank: int, alpha: float, use_rslora: bool,
-               use_dora: bool, rngs: nnx.Rngs):
+               use_dora: bool, rngs: nnx.Rngs, dropout: float = 0.0):
     x, w, out = _split_eqn(base.eqn)
     quantized = not isinstance(base, layers.Einsum)  # a quantize.QuantizedEinsum (QLoRA)
     kernel = base.q if quantized else base.w
@@ -63,6 +63,7 @@ class LoRAEinsum(nnx.Module):
     kept = [i for i, c in enumerate(w) if c not in x]
     self.base = base
     self.rank, self.alpha, self.use_rslora, self.use_dora = rank, alpha, use_rslora, use_dora
+    self.dropout = dropout
     self.scale = alpha / (rank**0.5 if use_rslora else rank)
     self.in_letters = ''.join(w[i] for i in contracted)
     self.out_letters = ''.join(w[i] for i in kept)
@@ -118,21 +119,31 @@ class LoRAEinsum(nnx.Module):
     expand = tuple(lead + i for i, c in enumerate(w) if c in self.in_letters)
     return weight * jnp.expand_dims(factor, expand)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     dtype = self.base.dtype
     x = x.astype(dtype)
+    if key is not None and self.dropout > 0:
+      # Dropout on the adapter's input only (as PEFT); the frozen path sees the clean input.
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+      x_lora = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dtype)
+    else:
+      x_lora = x
     if self.use_dora:
       # DoRA: magnitude * (W + s a b) / ||W + s a b||, the norm treated as a constant in the
       # backward pass (as in the paper and PEFT).
       weight = self._base_weight() + self.delta()
       norm = jax.lax.stop_gradient(self._column_norm(weight))
       factor = (self.magnitude.get_value().astype(jnp.float32) / norm).astype(dtype)
-      y = jnp.einsum(self.base.eqn, x, weight.astype(dtype))
+      if x_lora is x:
+        y = jnp.einsum(self.base.eqn, x, weight.astype(dtype))
+      else:  # as PEFT: the base on the clean input, the adapter on the dropped-out one
+        y = (jnp.einsum(self.base.eqn, x, self._base_weight().astype(dtype))
+             + jnp.einsum(self.base.eqn, x_lora, self.delta().astype(dtype)))
       return y * factor.reshape((1,) * (y.ndim - factor.ndim) + factor.shape)
     y = self.base(x)
     xa = jnp.einsum(f'{self.x_letters},{self.in_letters}R->'
                     f'{"".join(c for c in self.x_letters if c not in self.in_letters)}R',
-                    x, self.a.get_value().astype(dtype))
+                    x_lora, self.a.get_value().astype(dtype))
     return y + self.scale * jnp.einsum(
         f'{"".join(c for c in self.x_letters if c not in self.in_letters)}R,'
         f'R{self.out_letters}->{self.y_letters}', xa, self.b.get_value().astype(dtype))
@@ -151,7 +162,7 @@ def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
 
 
 def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslora: bool = False,
-          use_dora: bool = False, seed: int = 0) -> list[str]:
+          use_dora: bool = False, dropout: float = 0.0, seed: int = 0) -> list[str]:
   """Wraps every Einsum whose path matches `targets` in a LoRAEinsum; returns the wrapped paths."""
   pattern = re.compile(target_regex(targets))
   modules = _paths(model)
@@ -163,7 +174,7 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslor
   for path in chosen:
     parent, attr, base = modules[path]
     setattr(parent, attr, LoRAEinsum(base, rank=rank, alpha=alpha, use_rslora=use_rslora,
-                                     use_dora=use_dora, rngs=rngs))
+                                     use_dora=use_dora, rngs=rngs, dropout=dropout))
   return chosen
 
 
@@ -258,7 +269,7 @@ def peft_config(adapter_dir: str) -> dict[str, Any]:
               use_dora=bool(config.get('use_dora')))
 
 
-def load_peft(model: nnx.Module, adapter_dir: str) -> None:
+def load_peft(model: nnx.Module, adapter_dir: str, *, dropout: float = 0.0) -> None:
   """Applies the PEFT adapter in `adapter_dir` to `model` (which holds the matching base)."""
   import os
 
@@ -266,7 +277,7 @@ def load_peft(model: nnx.Module, adapter_dir: str) -> None:
   from safetensors.numpy import load_file
 
   settings = peft_config(adapter_dir)
-  apply(model, **settings)
+  apply(model, **settings, dropout=dropout)
   tensors = load_file(os.path.join(adapter_dir, 'adapter_model.safetensors'))
   tensors = {k.replace('.default', ''): v for k, v in tensors.items()}
   rank = settings['rank']

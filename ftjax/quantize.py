@@ -56,7 +56,8 @@ class QuantizedEinsum(nnx.Module):
     scale = jnp.expand_dims(self.scale.get_value(), lead + self.axis + 1)
     return (blocked * scale).reshape(q.shape)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    del key
     return jnp.einsum(self.eqn, x.astype(self.dtype), self.weight().astype(self.dtype))
 
 

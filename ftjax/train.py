@@ -54,19 +54,22 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def _loss_and_stats(params, frozen, batch, *, graphdef):
+def _loss_and_stats(params, frozen, batch, *, graphdef, dropout_key=None):
   model = nnx.merge(graphdef, params, frozen)
-  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'],
+                 dropout_key=dropout_key)
   return losses.next_token_xent(logits, batch['targets'], batch['loss_mask'])
 
 
-def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef):
+def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
+               dropout_key: jax.Array | None = None):
   """Gradients of the summed masked loss, with that sum and the masked-token count."""
 
   def sum_loss(params):
     # Fresh Variables for the frozen weights at this trace level: NNX transforms inside the
     # model (the layer scan) refuse Variables created outside the gradient trace.
-    stats = _loss_and_stats(params, jax.tree.map(lambda x: x, frozen), batch, graphdef=graphdef)
+    stats = _loss_and_stats(params, jax.tree.map(lambda x: x, frozen), batch, graphdef=graphdef,
+                            dropout_key=dropout_key)
     return stats['loss_sum'], stats['tokens']
 
   (loss_sum, tokens), grads = jax.value_and_grad(sum_loss, has_aux=True)(params)
@@ -74,26 +77,34 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
 
 
 def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int):
+               tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int,
+               dropout_seed: int | None = None):
   """One optimizer step over the global batch, split into `grad_accum` microbatches.
 
   Gradients are summed over all masked tokens of all microbatches, then divided by
   their count, so accumulation gives the same update as one big batch.
   """
+  # Dropout masks depend only on (seed, step, microbatch): a resumed run draws the same ones.
+  key = (None if dropout_seed is None
+         else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
   if grad_accum == 1:
-    grads, loss_sum, tokens = loss_grads(state.params, frozen, batch, graphdef=graphdef)
+    grads, loss_sum, tokens = loss_grads(state.params, frozen, batch, graphdef=graphdef,
+                                         dropout_key=key)
   else:
     # Row r goes to microbatch r % grad_accum: each device keeps its own rows.
     micro = jax.tree.map(
         lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
         batch)
 
-    def accumulate(carry, microbatch):
-      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef)
+    def accumulate(carry, inputs):
+      microbatch, index = inputs
+      micro_key = None if key is None else jax.random.fold_in(key, index)
+      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef, dropout_key=micro_key)
       return jax.tree.map(jnp.add, carry, out), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, zeros, micro)
+    (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, zeros,
+                                                (micro, jnp.arange(grad_accum)))
   scale = 1.0 / jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -182,7 +193,8 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
   batch_sh = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, P())
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum),
+      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
+                        dropout_seed=seed if lora_options and lora_options['dropout'] else None),
       in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
@@ -275,6 +287,7 @@ def lora_options(c_lora: ml_collections.ConfigDict) -> dict[str, Any] | None:
     return None
   return dict(rank=c_lora.rank, alpha=c_lora.alpha, targets=c_lora.targets,
               use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora, adapter=c_lora.adapter,
+              dropout=c_lora.dropout,
               quantize_base=c_lora.quantize_base)
 
 
@@ -319,9 +332,8 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
       raise ConfigError(f'{key}={value!r} is not one of {allowed}')
   if config.lora.rank < 0:
     raise ConfigError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning)')
-  if config.lora.dropout:
-    raise ConfigError(f'lora.dropout={config.lora.dropout}: adapter dropout is not implemented '
-                      'yet; use 0.0')
+  if not 0.0 <= config.lora.dropout < 1.0:
+    raise ConfigError(f'lora.dropout={config.lora.dropout} must be in [0, 1)')
   if config.lora.quantize_base:
     if config.lora.quantize_base not in quantize.BITS:
       raise ConfigError(f'lora.quantize_base={config.lora.quantize_base!r}; expected one of '

@@ -129,3 +129,30 @@ def test_quantized_base_memory_for_a_1b_model():
   print(f'llama3p2_1b frozen weights: bf16 {full / 2**30:.2f} GiB, int8 {int8 / 2**30:.2f} GiB, '
         f'int4 {int4 / 2**30:.2f} GiB (embeddings stay bf16)')
   assert int8 < 0.65 * full and int4 < 0.45 * full
+
+
+def test_adapter_dropout_only_in_training():
+  model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
+  lora.apply(model, rank=4, alpha=8.0, targets='all-linear', dropout=0.5)
+  _perturb_adapters(model)
+  clean = np.asarray(model(TOKENS))
+  np.testing.assert_array_equal(np.asarray(model(TOKENS)), clean)  # inference: no dropout
+  key = jax.random.key(3)
+  dropped = np.asarray(model(TOKENS, dropout_key=key))
+  assert np.max(np.abs(dropped - clean)) > 1e-3
+  np.testing.assert_array_equal(np.asarray(model(TOKENS, dropout_key=key)), dropped)
+  other = np.asarray(model(TOKENS, dropout_key=jax.random.key(4)))
+  assert np.max(np.abs(other - dropped)) > 1e-3
+  # The frozen path never sees dropout: with B = 0 the adapters add nothing, masks or not.
+  fresh = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
+  base = np.asarray(fresh(TOKENS))
+  lora.apply(fresh, rank=4, alpha=8.0, targets='all-linear', dropout=0.5)
+  np.testing.assert_array_equal(np.asarray(fresh(TOKENS, dropout_key=key)), base)
+
+
+def test_lora_dropout_trains(small_config, tmp_path):
+  small_config.lora.update(rank=4, alpha=8.0, dropout=0.1)
+  small_config.optim.lr = 1e-2
+  small_config.train.update(steps=6, log_every=3)
+  summary = train.run(small_config, str(tmp_path))
+  assert np.isfinite(summary['final_loss']) and summary['train_step_compiles'] == 1

@@ -47,7 +47,8 @@ class Einsum(nnx.Module):
     self.dtype = dtype
     self.w = param(rngs, jax.nn.initializers.normal(init_std), shape, names, param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    del key  # no dropout in a plain projection; adapters wrapping it use the key
     return jnp.einsum(self.eqn, x.astype(self.dtype), self.w.get_value().astype(self.dtype))
 
 

@@ -137,10 +137,11 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.implementation = implementation
 
-  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids,
-               window) -> Float[Array, 'B T D']:
+  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
+               key=None) -> Float[Array, 'B T D']:
     cfg = self.cfg
-    q, k, v = self.q(x), self.k(x), self.v(x)
+    keys = _split(key, 4)
+    q, k, v = self.q(x, key=keys[0]), self.k(x, key=keys[1]), self.v(x, key=keys[2])
     if cfg.qkv_bias:
       q = q + self.q_bias.get_value().astype(q.dtype)[None, None]
       k = k + self.k_bias.get_value().astype(k.dtype)[None, None]
@@ -153,7 +154,12 @@ class Attention(nnx.Module):
     out = layers.attention(q, k, v, segment_ids, positions,
                            scale=(cfg.query_scale or cfg.head_dim) ** -0.5, window=window,
                            softcap=cfg.attn_softcap, implementation=self.implementation)
-    return self.o(out)
+    return self.o(out, key=keys[3])
+
+
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+  """Independent dropout keys for `n` projections (None when not training)."""
+  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class Mlp(nnx.Module):
@@ -167,8 +173,10 @@ class Mlp(nnx.Module):
     self.down = layers.Einsum('BTF,FD->BTD', (f, d), ('mlp', 'embed'), **kw)
     self.activation = cfg.mlp_activation
 
-  def __call__(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T D']:
-    return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
+  def __call__(self, x: Float[Array, 'B T D'], key=None) -> Float[Array, 'B T D']:
+    keys = _split(key, 3)
+    hidden = ACTIVATIONS[self.activation](self.gate(x, key=keys[0])) * self.up(x, key=keys[1])
+    return self.down(hidden, key=keys[2])
 
 
 class Block(nnx.Module):
@@ -185,11 +193,12 @@ class Block(nnx.Module):
       self.mlp_post_norm = layers.RMSNorm(cfg.embed_dim, **norm)
     self.post_norms = cfg.post_norms
 
-  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids,
-               window) -> Float[Array, 'B T D']:
-    y = self.attn(self.attn_norm(x), rope, positions, segment_ids, window)
+  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
+               key=None) -> Float[Array, 'B T D']:
+    keys = _split(key, 2)
+    y = self.attn(self.attn_norm(x), rope, positions, segment_ids, window, key=keys[0])
     x = x + (self.attn_post_norm(y) if self.post_norms else y)
-    y = self.mlp(self.mlp_norm(x))
+    y = self.mlp(self.mlp_norm(x), key=keys[1])
     x = x + (self.mlp_post_norm(y) if self.post_norms else y)
     return sharding.constrain(x, ('batch', 'seq', 'embed'))
 
@@ -234,8 +243,13 @@ class Llama(nnx.Module):
       tokens: Int[Array, 'B T'],
       positions: Int[Array, 'B T'] | None = None,
       segment_ids: Int[Array, 'B T'] | None = None,
+      *,
+      dropout_key: jax.Array | None = None,
   ) -> Float[Array, 'B T V']:
-    """Logits for every position. Packed rows pass per-segment positions and segment ids."""
+    """Logits for every position. Packed rows pass per-segment positions and segment ids.
+
+    `dropout_key` turns on dropout in layers that have it (LoRA adapters); None = inference.
+    """
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -253,19 +267,22 @@ class Llama(nnx.Module):
       x = x * jnp.asarray(cfg.embed_dim**0.5, dtype=self.dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'embed'))
 
-    def layer(block: Block, x, layer_is_global):
+    def layer(block: Block, x, layer_is_global, layer_key):
       if is_global.all():
         rope, window = global_rope, None
       else:
         rope = jax.tree.map(lambda g, l: jnp.where(layer_is_global, g, l), global_rope, local_rope)
         window = jnp.where(layer_is_global, tokens.shape[1] + 1, cfg.sliding_window)
-      return block(x, rope, positions, segment_ids, window)
+      key = None if dropout_key is None else layer_key
+      return block(x, rope, positions, segment_ids, window, key=key)
 
     if self.remat != 'none':
       layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    x = nnx.scan(layer, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+    layer_keys = jax.random.split(
+        jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
+    x = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry,
                  transform_metadata={nnx.PARTITION_NAME: 'layers'})(
-                     self.blocks, x, jnp.asarray(is_global))
+                     self.blocks, x, jnp.asarray(is_global), layer_keys)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum('BTD,VD->BTV', x, table.astype(self.dtype))
