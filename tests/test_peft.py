@@ -61,3 +61,16 @@ def test_peft_adapter_loads_into_ftjax_with_the_same_logits(hf_folder, tmp_path,
   lora.load_peft(model, str(tmp_path / 'adapter'))
   assert sorted(lora.adapters(model)) == ['attn.q', 'attn.v', 'mlp.down']
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), want, atol=1e-4)
+
+
+def test_training_continues_from_a_peft_adapter(small_config, hf_folder, tmp_path):
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_folder)
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
+                           init_lora_weights=False, task_type='CAUSAL_LM')
+  peft.get_peft_model(base, config).save_pretrained(str(tmp_path / 'adapter'))
+  small_config.lora.adapter = str(tmp_path / 'adapter')
+  summary = _lora_run(small_config, hf_folder, tmp_path / 'run')
+  assert np.isfinite(summary['final_loss'])
+  ftjax.export.export(str(tmp_path / 'run'), str(tmp_path / 'out'), fmt='peft')
+  assert peft.PeftConfig.from_pretrained(str(tmp_path / 'out')).target_modules == {'q_proj',
+                                                                                   'v_proj'}
