@@ -85,13 +85,22 @@ class SkipCounter:
 
 @dataclasses.dataclass(frozen=True)
 class PadRow(grain.transforms.Map):
-  """One document per row, padded to `seq_len` (segment id 0 marks padding)."""
+  """One document per row, padded to `seq_len` (segment id 0 marks padding).
+
+  A skipped record becomes an all-padding row (no loss), counted in `skipped`, so that row
+  positions, and with them every host's share of a global batch, never shift.
+  """
 
   seq_len: int
+  skipped: SkipCounter | None = None
 
   def map(self, doc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n = len(doc['tokens'])
     row = {k: np.zeros(self.seq_len, np.int32) for k in FIELDS}
+    if 'skip' in doc:
+      if self.skipped is not None:
+        self.skipped(doc)
+      return row
+    n = len(doc['tokens'])
     for k in DOC_FIELDS:
       row[k][:n] = doc[k]
     row['positions'][:n] = np.arange(n)
@@ -117,16 +126,14 @@ def local_batch_size(global_batch: int, shard_count: int) -> int:
   return global_batch // shard_count
 
 
-def documents(sources: list[Source], options: Options, *, seed: int,
-              shard: tuple[int, int] | None = None) -> grain.MapDataset:
-  """The endless, weighted mixture of this host's encoded documents (or skip markers)."""
-  index, count = shard or _shard()
+def documents(sources: list[Source], options: Options, *, seed: int) -> grain.MapDataset:
+  """The endless, weighted mixture of encoded documents (or skip markers), the same on every
+  host: hosts then take disjoint positions of it, and encode only those (grain is lazy)."""
   mixed = []
   for i, source in enumerate(sources):
     ds = open_source(source.path, split=source.split, tfds_data_dir=options.tfds_data_dir)
-    ds = ds[index::count]
     if len(ds) == 0:
-      raise DataError(f'{source.path}: no records for process {index} of {count}')
+      raise DataError(f'{source.path}: no records')
     ds = ds.shuffle(seed=seed + 7919 * i).repeat()  # a new order every epoch
     mixed.append(ds.map(options.encode_doc(source.format)))
   if len(mixed) == 1:
@@ -157,19 +164,25 @@ class TrainData:
 def train_batches(sources: list[Source], options: Options, *, global_batch: int, seed: int,
                   pack: bool = True, workers: int = 0,
                   shard: tuple[int, int] | None = None) -> TrainData:
-  """This host's share of every global batch, endlessly, with resumable state."""
+  """This host's share of every global batch, endlessly, with resumable state.
+
+  Unpacked: host i takes rows [i*local, (i+1)*local) of every global batch, so the global
+  batches (and a checkpointed position) are the same for any number of processes. Packed: host i
+  packs documents i, i+n, i+2n, ... of the shared stream, so hosts never share a document.
+  """
   index, count = shard or _shard()
   local = local_batch_size(global_batch, count)
   skipped = SkipCounter()
-  docs = documents(sources, options, seed=seed, shard=(index, count)).to_iter_dataset()
-  docs = docs.filter(skipped)
+  docs = documents(sources, options, seed=seed)
   if pack:
+    mine = docs[index::count].to_iter_dataset().filter(skipped)
     rows = FirstFitPackIterDataset(
-        docs, length_struct=dict.fromkeys(DOC_FIELDS, options.seq_len),
+        mine, length_struct=dict.fromkeys(DOC_FIELDS, options.seq_len),
         num_packing_bins=max(local, 8), seed=seed, shuffle_bins=True).map(_from_packed)
+    batches = rows.batch(local, drop_remainder=True)
   else:
-    rows = docs.map(PadRow(options.seq_len))
-  batches = rows.batch(local, drop_remainder=True)
+    rows = docs.map(PadRow(options.seq_len, skipped))
+    batches = rows.batch(local, drop_remainder=True)[index::count].to_iter_dataset()
   if workers:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return TrainData(iter(batches), skipped)
