@@ -11,6 +11,7 @@ one mesh restores onto any other without materialising whole arrays on one devic
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -93,10 +94,37 @@ class Manager:
     """The state at `step`, restored into `abstract_state`'s shapes, dtypes and shardings."""
     self._check_compatible(step, abstract_state)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
+    shared_data_state = None
     if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      shared_data_state = self._data_state_from_other_process_count(step)
+      if shared_data_state is None:
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if shared_data_state is not None:
+      data_iterator.set_state(shared_data_state)
     return restored['state']
+
+  def _data_state_from_other_process_count(self, step: int) -> dict[str, Any] | None:
+    """The iterator state when the checkpoint was saved by a different number of processes.
+
+    Unpacked pipelines keep the same position on every host, so one state serves any count;
+    packed pipelines do not, and are refused with a message.
+    """
+    folder = os.path.join(self.root, str(step), 'data')
+    mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, mine)):
+      return None
+    states = []
+    for name in sorted(os.listdir(folder)):
+      if name.startswith('process_') and name.endswith('.json'):
+        with open(os.path.join(folder, name)) as f:
+          states.append(json.load(f))
+    if not states or any(s != states[0] for s in states):
+      raise CheckpointError(
+          f'{folder}: the data position was saved by {len(states)} processes that were at '
+          f'different places (packed data), so it cannot be restored with '
+          f'{jax.process_count()} processes; resume with {len(states)} processes')
+    return states[0]
 
   def metadata(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[

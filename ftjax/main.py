@@ -18,6 +18,13 @@ _OUT = flags.DEFINE_string('out', None, 'export: the Hugging Face folder to writ
 _SOURCE = flags.DEFINE_string('source', None, 'data prepare: the source to convert.')
 _SPLIT = flags.DEFINE_string('split', '', 'data prepare: split of a tfds:// source.')
 _BATCHES = flags.DEFINE_integer('batches', 50, 'data bench: batches to time.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for clusters JAX does not detect '
+    '(default: $FTJAX_COORDINATOR; TPU VMs, SLURM and JobSets are detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1.')
+_JOIN_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', None, 'seconds to wait for every process to join (default 300).')
 _FORMAT = flags.DEFINE_enum('format', 'hf', ['hf', 'peft'],
                             'export: hf (full model; LoRA merged) or peft (adapter folder).')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
@@ -31,6 +38,7 @@ commands:
   data    data prepare --source FILE --out FILE.array_record   (random access at scale)
           data bench --config X [--batches N]    (tokens/s of the input pipeline alone)
   checkpoint bench --config X     (blocking vs total time of an async checkpoint save)
+  launch  --local N --devices-per-process M -- ftjax train ...   (N processes on this machine)
 """
 
 
@@ -75,7 +83,19 @@ def _explain_override_error(argv: list[str]) -> str | None:
   return None
 
 
+def _join() -> None:
+  from ftjax import distributed
+
+  timeout = _JOIN_TIMEOUT.value or int(os.environ.get('FTJAX_DISTRIBUTED_TIMEOUT', 300))
+  try:
+    distributed.initialize(coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                           process_id=_PROCESS_ID.value, timeout_s=timeout)
+  except distributed.DistributedError as e:
+    _fail(str(e))
+
+
 def _train(argv: list[str]) -> None:
+  _join()
   from ftjax import train  # import jax only once flags are parsed
 
   if len(argv) > 1:
@@ -94,6 +114,7 @@ def _train(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
+  _join()
   from ftjax import export
 
   if len(argv) > 1:
@@ -168,10 +189,14 @@ COMMANDS = {'train': _train, 'export': _export, 'data': _data, 'checkpoint': _ch
 
 
 def main() -> None:
-  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+  if len(sys.argv) < 2 or sys.argv[1] not in (*COMMANDS, 'launch'):
     print(USAGE, file=sys.stderr)
     sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ('-h', '--help') else 2)
   command = sys.argv.pop(1)
+  if command == 'launch':  # its own argument parser: everything after -- is the command
+    from ftjax import launch
+
+    sys.exit(launch.main(sys.argv[1:]))
   logging.set_verbosity(logging.WARNING)
   app.run(COMMANDS[command], argv=[f'ftjax {command}', *sys.argv[1:]], flags_parser=_parse_flags)
 
