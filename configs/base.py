@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = dict(
       shape=(1, -1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
       rules='fsdp_tp',  # a rule set in ftjax.sharding.RULES
+      num_slices=1,  # multi-slice TPU: the data axis spans slices (DCN), the rest stays in ICI
   )
   c.train = dict(
       steps=1000,  # optimizer steps; also the length of the lr schedule

@@ -74,13 +74,30 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a mesh over `devices` (default: all) with axes `MESH_AXES`."""
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None, *,
+              num_slices: int = 1) -> Mesh:
+  """Builds a mesh over `devices` (default: all) with axes `MESH_AXES`.
+
+  With `num_slices` > 1 (multi-slice TPU), the `data` axis is split across slices over the
+  data-center network and every other axis stays inside a slice (ICI), using
+  `mesh_utils.create_hybrid_device_mesh`.
+  """
   devices = list(jax.devices() if devices is None else devices)
   resolved = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(
-      resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-  )
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  if num_slices == 1:
+    return jax.make_mesh(resolved, MESH_AXES, axis_types=types, devices=devices)
+  if resolved[0] % num_slices:
+    raise MeshError(f'mesh.num_slices={num_slices} must divide the data axis of '
+                    f'mesh.shape={resolved}: data parallelism is what crosses slices')
+  if not all(hasattr(d, 'slice_index') for d in devices):
+    raise MeshError(f'mesh.num_slices={num_slices}, but these {devices[0].platform} devices '
+                    'belong to no TPU slices; use num_slices=1')
+  from jax.experimental import mesh_utils
+
+  ici = (resolved[0] // num_slices, *resolved[1:])
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def get_rules(name: str) -> dict:

@@ -160,10 +160,10 @@ def model_config(model: ml_collections.ConfigDict) -> llama.Config:
 def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
           optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
           pretrained_path: str = '', lora_options: dict[str, Any] | None = None,
-          devices=None) -> Trainer:
+          num_slices: int = 1, devices=None) -> Trainer:
   """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps."""
   try:
-    mesh = sharding.make_mesh(mesh_shape, devices)
+    mesh = sharding.make_mesh(mesh_shape, devices, num_slices=num_slices)
     rules = sharding.get_rules(rules_name)
   except (sharding.MeshError, KeyError) as e:
     raise ConfigError(e.args[0]) from None
@@ -400,7 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
       optim_kwargs=_optim_kwargs(config.optim, c_train.steps), grad_accum=config.optim.grad_accum,
       global_batch=c_data.global_batch, seed=c_train.seed, pretrained_path=c_model.pretrained,
-      lora_options=lora_options(config.lora))
+      lora_options=lora_options(config.lora), num_slices=config.mesh.num_slices)
   options = data_options(config)
   train_iter = data.train_batches(train_sources(c_data), options,
                                   global_batch=c_data.global_batch, seed=c_train.seed,
