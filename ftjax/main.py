@@ -96,7 +96,7 @@ def _join() -> None:
 
 def _train(argv: list[str]) -> None:
   _join()
-  from ftjax import train  # import jax only once flags are parsed
+  from ftjax import checkpoint, data, train, weights  # import jax only once flags are parsed
 
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}')
@@ -106,8 +106,8 @@ def _train(argv: list[str]) -> None:
     _fail('--workdir is required: the directory for metrics, TensorBoard and config.json')
   try:
     summary = train.run(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, train.data.DataError, train.weights.CheckpointError,
-          train.checkpoint.CheckpointError) as e:
+  except (train.ConfigError, data.DataError, weights.CheckpointError,
+          checkpoint.CheckpointError) as e:
     _fail(str(e))
   if summary['preempted_at'] is not None:
     sys.exit(train.EXIT_RESTART)
@@ -177,7 +177,7 @@ def _checkpoint(argv: list[str]) -> None:
     trainer = train.setup(
         arch=arch, model_options=dict(param_dtype=train.DTYPES[config.model.param_dtype]),
         mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
-        optim_kwargs=train._optim_kwargs(config.optim, config.train.steps), grad_accum=1,
+        optim_kwargs=train.optim_kwargs(config.optim, config.train.steps), grad_accum=1,
         global_batch=config.data.global_batch, seed=0, pretrained_path=config.model.pretrained)
   except train.ConfigError as e:
     _fail(str(e))

@@ -12,6 +12,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (registers the config loader)
 
 from conftest import REPO
+from ftjax import config as ftjax_config
 from ftjax import models, train
 
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
@@ -25,7 +26,7 @@ def test_every_config_builds_locks_and_names_a_preset(path):
   config.lock()
   assert config.model.preset in models.PRESETS
   schema = runpy.run_path(os.path.join(REPO, 'configs', 'base.py'))['get_config']()
-  train._check_keys(config, schema)
+  ftjax_config._check_keys(config, schema)
   with pytest.raises(AttributeError):
     config.model.no_such_key = 1  # locked: unknown keys are refused
 

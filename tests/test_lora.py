@@ -48,7 +48,7 @@ def test_one_step_changes_only_adapters(small_config):
   small_config.lora.update(rank=4, alpha=8.0)
   arch = train.model_config(small_config.model)
   trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, -1, 1), rules_name='fsdp_tp',
-                        optim_kwargs=train._optim_kwargs(small_config.optim, 10), grad_accum=1,
+                        optim_kwargs=train.optim_kwargs(small_config.optim, 10), grad_accum=1,
                         global_batch=8, seed=0, lora_options=train.lora_options(small_config.lora))
   names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
       trainer.state.params)}
@@ -166,7 +166,7 @@ def test_compiled_lora_step_keeps_only_adapter_state(small_config):
 
   def memory(lora_settings):
     trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1), rules_name='fsdp',
-                          optim_kwargs=train._optim_kwargs(small_config.optim, 10), grad_accum=1,
+                          optim_kwargs=train.optim_kwargs(small_config.optim, 10), grad_accum=1,
                           global_batch=8, seed=0, lora_options=lora_settings,
                           devices=jax.devices()[:1])
     batch = train.data.to_global(batch_rows, trainer.batch_sharding)

@@ -63,7 +63,7 @@ def test_weight_decay_skips_norms_and_embeddings(small_config):
 
   arch = train.model_config(small_config.model)
   trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1), rules_name='fsdp',
-                        optim_kwargs=train._optim_kwargs(small_config.optim, 10), grad_accum=1,
+                        optim_kwargs=train.optim_kwargs(small_config.optim, 10), grad_accum=1,
                         global_batch=8, seed=0, devices=jax.devices()[:1])
   mask = optim.decay_mask(trainer.state.params, decay_embeddings=False)
   flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
