@@ -59,12 +59,17 @@ for attempt in $(seq 0 "$max_restarts"); do
   log="ftjax-logs/$tpu/attempt-$attempt.log"
   remote="cd ~/ftjax && $command > ~/ftjax-logs/$attempt.log 2>&1; code=\$?; \
     echo \"FTJAX_EXIT \$(hostname) \$code\"; exit \$code"
+  if [[ $dry_run -eq 1 ]]; then
+    run "${gcloud_tpu[@]}" ssh "$tpu" --worker=all "${where[@]}" --command "$remote"
+    run "${gcloud_tpu[@]}" scp "$tpu:~/ftjax-logs/$attempt.log" "ftjax-logs/$tpu/" --worker=all \
+      "${where[@]}"
+    exit 0
+  fi
   set +e
-  run "${gcloud_tpu[@]}" ssh "$tpu" --worker=all "${where[@]}" --command "$remote" | tee "$log"
+  "${gcloud_tpu[@]}" ssh "$tpu" --worker=all "${where[@]}" --command "$remote" | tee "$log"
   set -e
-  run "${gcloud_tpu[@]}" scp "$tpu:~/ftjax-logs/$attempt.log" "ftjax-logs/$tpu/" --worker=all \
+  "${gcloud_tpu[@]}" scp "$tpu:~/ftjax-logs/$attempt.log" "ftjax-logs/$tpu/" --worker=all \
     "${where[@]}" || true
-  if [[ $dry_run -eq 1 ]]; then exit 0; fi
   if grep -q 'FTJAX_EXIT .* 75$' "$log"; then
     echo "preempted (exit 75): restarting, attempt $((attempt + 1)) of $max_restarts" >&2
     continue
