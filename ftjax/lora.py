@@ -67,7 +67,7 @@ class LoRAEinsum(nnx.Module):
     self.scale = alpha / (rank**0.5 if use_rslora else rank)
     self.in_letters = ''.join(w[i] for i in contracted)
     self.out_letters = ''.join(w[i] for i in kept)
-    self.x_letters, self.y_letters = x, out
+    self.x_letters, self.w_letters, self.y_letters = x, w, out
     dtype = jnp.float32 if quantized else kernel.get_value().dtype
     a_shape = (*lead_shape, *(w_shape[i] for i in contracted), rank)
     a_names = (*lead_names, *(w_names[i] for i in contracted), 'lora')
@@ -91,19 +91,20 @@ class LoRAEinsum(nnx.Module):
       return self.base.w.get_value().astype(jnp.float32)
     return self.base.weight()
 
+  def _input_axes(self, ndim: int) -> tuple[int, ...]:
+    """Axes of a (possibly layer-stacked) weight that the input contracts with."""
+    # Weight dims are ordered as in the equation; contracted letters may not come first.
+    lead = ndim - len(self.w_letters)
+    return tuple(lead + i for i, c in enumerate(self.w_letters) if c in self.in_letters)
+
   def _column_norm(self, weight: jax.Array) -> jax.Array:
     """L2 norm over the input (contracted) dims, per output feature."""
-    # Weight dims are ordered as in the equation; contracted letters may not come first.
-    w = self.base.eqn.split('->')[0].split(',')[1]
-    lead = weight.ndim - len(w)
-    axes = tuple(lead + i for i, c in enumerate(w) if c in self.in_letters)
-    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=axes))
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=self._input_axes(weight.ndim)))
 
   def delta(self) -> jax.Array:
     """scale * a b in the base weight's layout (dims ordered as the equation's weight)."""
-    w = self.base.eqn.split('->')[0].split(',')[1]
     lead = 'L' if self.a.ndim > len(self.in_letters) + 1 else ''
-    ab = jnp.einsum(f'{lead}{self.in_letters}R,{lead}R{self.out_letters}->{lead}{w}',
+    ab = jnp.einsum(f'{lead}{self.in_letters}R,{lead}R{self.out_letters}->{lead}{self.w_letters}',
                     self.a.get_value().astype(jnp.float32),
                     self.b.get_value().astype(jnp.float32))
     return self.scale * ab
@@ -114,10 +115,7 @@ class LoRAEinsum(nnx.Module):
     if not self.use_dora:
       return weight
     factor = self.magnitude.get_value().astype(jnp.float32) / self._column_norm(weight)
-    w = self.base.eqn.split('->')[0].split(',')[1]
-    lead = weight.ndim - len(w)
-    expand = tuple(lead + i for i, c in enumerate(w) if c in self.in_letters)
-    return weight * jnp.expand_dims(factor, expand)
+    return weight * jnp.expand_dims(factor, self._input_axes(weight.ndim))
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     dtype = self.base.dtype

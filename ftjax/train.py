@@ -30,7 +30,6 @@ from ftjax import (
   metrics,
   optim,
   sharding,
-  tokenizer,
 )
 from ftjax.config import (  # noqa: F401  (re-exported: the config API users reach via train)
   DTYPES,
@@ -267,7 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains as `config` says, writing metrics, TensorBoard and config.json into `workdir`."""
   arch = validate(config)
   c_data, c_train, c_model = config.data, config.train, config.model
-  tok = tokenizer.load(tokenizer_spec(config))
+  tok = data.formats.cached_tokenizer(tokenizer_spec(config))  # the one the pipeline uses
   if tok.vocab_size > arch.vocab_size:
     raise ConfigError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size is '
                       f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
