@@ -21,8 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
       # the initial parameters (model.preset and architecture overrides are then ignored)
       dtype='float32',  # compute dtype: float32 | bfloat16
       param_dtype='float32',  # storage dtype of the weights
-      remat='none',  # none | dots | full: what a scanned layer saves for the backward pass
-      attention='xla',  # xla | cudnn (GPU)
+      remat='none',  # none | dots | offload | full: what a scanned layer keeps for the backward
+      # pass: everything | matmul outputs | matmul outputs in host memory | only its input
+      attention='xla',  # xla | cudnn (GPU flash) | splash (TPU Pallas); falls back to xla
+      loss_chunk=512,  # positions per chunk of the LM head + loss (never all [B, T, V] logits)
+      # 0 = one chunk; lower it for huge vocabularies, raise it if the head is slow
   )
   # Every architecture field of the preset may be overridden; None keeps the preset's value.
   for field in dataclasses.fields(llama.Config):
@@ -50,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
       on_bad_record='error',  # error | skip (counted per reason in skipped_records)
       on_too_long='truncate',  # truncate | skip | error
       workers=0,  # grain worker processes for tokenizing and packing (0 = in the main process)
+      prefetch=2,  # global batches put on the devices ahead of the step that uses them
       tfds_data_dir='',  # where tfds:// datasets were prepared
       max_eval_examples=-1,  # -1 = the whole eval set
   )
@@ -74,10 +78,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(
       steps=1000,  # optimizer steps; also the length of the lr schedule
       log_every=10,
-      eval_every=200,  # 0 = only before and after training
       seed=0,
       progress=True,  # progress bar on process 0
       stop_at_step=0,  # > 0: after this step save and exit 75 as a preemption would
+      wandb_project='',  # '' = no Weights & Biases; else log there too (WANDB_MODE=offline works)
+  )
+  c.eval = dict(
+      every_steps=200,  # a multiple of train.log_every; 0 = only before and after training
+      generate_path='',  # JSONL of prompts with references: greedy completions are scored
+      max_new_tokens=32,  # per generated completion
+      score_fn='exact_match',  # exact_match | 'module:function' (prediction, reference) -> float
+      num_samples=3,  # completions logged as text (TensorBoard, metrics.jsonl)
+      batch_size=16,  # prompts generated at once
   )
   c.ckpt = dict(
       every_steps=500,  # 0 = only by time / at the end

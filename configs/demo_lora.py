@@ -14,5 +14,6 @@ def get_config():
   c.data.update(demo.get_config().data.to_dict())
   c.lora.update(rank=16, alpha=32.0, targets='all-linear')
   c.optim.update(lr=5e-3, warmup_steps=50, weight_decay=0.0)
-  c.train.update(steps=400, log_every=50, eval_every=200)
+  c.train.update(steps=400, log_every=50)
+  c.eval.update(every_steps=200)
   return c

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import data, models, pretrained, quantize, tokenizer, weights
+from ftjax import data, evals, models, pretrained, quantize, tokenizer, weights
 from ftjax.models import llama
 
 DTYPES = pretrained.DTYPES
@@ -21,6 +21,11 @@ DTYPES = pretrained.DTYPES
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
+
+
+# model.attention: XLA everywhere; cuDNN flash (GPU) and Pallas splash (TPU) fall back to XLA,
+# with a logged message, on other platforms.
+ATTENTION = ('xla', 'cudnn', 'splash')
 
 
 def model_config(model: ml_collections.ConfigDict) -> llama.Config:
@@ -73,7 +78,7 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
       _check_keys(config[key], schema[key], f'{prefix}{key}.')
 
 
-def validate(config: ml_collections.ConfigDict) -> llama.Config:
+def validate(config: ml_collections.ConfigDict, need_data: bool = True) -> llama.Config:
   """Checks values the type-locked config cannot; returns the resolved architecture."""
   from configs import base  # the schema: every key ftjax knows
 
@@ -82,7 +87,7 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
       'model.dtype': (config.model.dtype, tuple(DTYPES)),
       'model.param_dtype': (config.model.param_dtype, tuple(DTYPES)),
       'model.remat': (config.model.remat, ('none', *llama.REMAT_POLICIES)),
-      'model.attention': (config.model.attention, ('xla', 'cudnn')),
+      'model.attention': (config.model.attention, ATTENTION),
       'optim.schedule': (config.optim.schedule, ('cosine', 'linear', 'constant')),
       'data.train_on': (config.data.train_on, ('assistant', 'completion', 'all')),
       'data.on_bad_record': (config.data.on_bad_record, ('error', 'skip')),
@@ -109,12 +114,46 @@ def validate(config: ml_collections.ConfigDict) -> llama.Config:
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f'{key}={value} must be >= 1')
+  _validate_eval(config)
   if config.model.pretrained and not os.path.isdir(config.model.pretrained):
     raise ConfigError(f'model.pretrained={config.model.pretrained!r}: folder not found')
-  for source in train_sources(config.data) + eval_sources(config.data):
+  for source in (train_sources(config.data) + eval_sources(config.data)) if need_data else ():
     if not source.path.startswith(('tfds://', 'gs://')) and not glob.glob(source.path + '*'):
       raise ConfigError(f'data source {source.path!r}: file not found')
   return model_config(config.model)
+
+
+def _validate_eval(config: ml_collections.ConfigDict) -> None:
+  c = config.eval
+  if c.every_steps < 0 or (c.every_steps and c.every_steps % config.train.log_every):
+    raise ConfigError(f'eval.every_steps={c.every_steps} must be 0 or a multiple of '
+                      f'train.log_every={config.train.log_every} (evals are logged with a step)')
+  if c.generate_path:
+    if not os.path.isfile(c.generate_path):
+      raise ConfigError(f'eval.generate_path={c.generate_path!r}: file not found')
+    for key in ('max_new_tokens', 'batch_size'):
+      if c[key] < 1:
+        raise ConfigError(f'eval.{key}={c[key]} must be >= 1')
+    try:
+      evals.score_function(c.score_fn)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+
+def generation_eval(config: ml_collections.ConfigDict) -> evals.GenerationEval | None:
+  """The generation-based eval `eval.generate_path` asks for, prompts tokenized; or None."""
+  c = config.eval
+  if not c.generate_path:
+    return None
+  encoder = data.formats.Encoder(tokenizer_spec(config), train_on=config.data.train_on,
+                                 chat_template=config.data.chat_template)
+  try:
+    return evals.GenerationEval.load(
+        c.generate_path, encoder, score_fn=c.score_fn, max_new_tokens=c.max_new_tokens,
+        batch_size=c.batch_size, num_samples=c.num_samples,
+        max_examples=config.data.max_eval_examples)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def train_sources(c_data: ml_collections.ConfigDict) -> list[data.Source]:

@@ -9,6 +9,7 @@ Full and LoRA fine-tuning share one training path; only the trainable filter dif
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -73,7 +74,7 @@ class LoRAEinsum(nnx.Module):
     a_names = (*lead_names, *(w_names[i] for i in contracted), 'lora')
     b_shape = (*lead_shape, rank, *(w_shape[i] for i in kept))
     b_names = (*lead_names, 'lora', *(w_names[i] for i in kept))
-    fan_in = int(jnp.prod(jnp.array([w_shape[i] for i in contracted])))
+    fan_in = math.prod(w_shape[i] for i in contracted)
     # As PEFT: a ~ Kaiming-uniform (a=sqrt(5)) i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); b = 0.
     bound = 1.0 / fan_in**0.5
     self.a = nnx.LoRAParam(jax.random.uniform(rngs.params(), a_shape, dtype, -bound, bound),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,6 +33,46 @@ def next_token_xent(
       row_tokens=jnp.sum(mask, axis=-1),
       row_correct=jnp.sum(hits, axis=-1),
   )
+
+
+def chunked_next_token_xent(
+    hidden: Float[Array, 'B T D'],
+    targets: Int[Array, 'B T'],
+    loss_mask: Bool[Array, 'B T'] | Int[Array, 'B T'],
+    logits_fn: Callable[[jax.Array], jax.Array],
+    chunk: int,
+) -> dict[str, jax.Array]:
+  """`next_token_xent(logits_fn(hidden), ...)` without ever holding `[B, T, V]` logits.
+
+  The sequence is cut into chunks of `chunk` positions; a scan computes each chunk's logits,
+  reduces them to the sums and drops them, and the backward pass recomputes them chunk by
+  chunk (`jax.checkpoint`). Peak logits memory is `[B, chunk, V]` in float32 instead of
+  `[B, T, V]`, which dominates a small model's step at vocabularies of 128k-256k.
+  """
+  b, t = targets.shape
+  if chunk <= 0 or chunk >= t:
+    return next_token_xent(logits_fn(hidden), targets, loss_mask)
+  n = -(-t // chunk)
+  if n * chunk != t:  # pad to whole chunks; padded positions are masked out
+    pad = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
+
+  def split(x):
+    return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h, tg, m):
+    return next_token_xent(logits_fn(h), tg, m)
+
+  def body(carry, xs):
+    return jax.tree.map(jnp.add, carry, one(*xs)), None
+
+  zeros = dict(loss_sum=jnp.zeros(()), tokens=jnp.zeros(()), correct=jnp.zeros(()),
+               row_tokens=jnp.zeros((b,)), row_correct=jnp.zeros((b,)))
+  out, _ = jax.lax.scan(body, zeros, (split(hidden), split(targets), split(loss_mask)))
+  return out
 
 
 def mean_loss(loss_sum: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -14,10 +14,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override keys with --config.<section>.<key>=v.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: metrics, TensorBoard, config.json.')
-_OUT = flags.DEFINE_string('out', None, 'export: the Hugging Face folder to write.')
+_OUT = flags.DEFINE_string('out', None, 'export: the Hugging Face folder to write; generate: a '
+                           'JSONL file of the completions (- = stdout); plot: the PNG.')
 _SOURCE = flags.DEFINE_string('source', None, 'data prepare: the source to convert.')
 _SPLIT = flags.DEFINE_string('split', '', 'data prepare: split of a tfds:// source.')
 _BATCHES = flags.DEFINE_integer('batches', 50, 'data bench: batches to time.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'bench: train steps to time (after 2 warm-up steps).')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'plan: a TPU accelerator type as gcloud spells '
+                                'it (v4-32, v5litepod-8 or v5e-8, v5p-64, v6e-8).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for clusters JAX does not detect '
     '(default: $FTJAX_COORDINATOR; TPU VMs, SLURM and JobSets are detected).')
@@ -27,17 +31,40 @@ _JOIN_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout', None, 'seconds to wait for every process to join (default 300).')
 _FORMAT = flags.DEFINE_enum('format', 'hf', ['hf', 'peft'],
                             'export: hf (full model; LoRA merged) or peft (adapter folder).')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
-                           'export: dtype of the written weights.')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
+                           'export: dtype of the written weights (default bfloat16); generate: '
+                           'compute dtype (default float32 on CPU, else bfloat16).')
+_PRETRAINED = flags.DEFINE_string('pretrained', None, 'generate: a Hugging Face model folder.')
+_ADAPTER = flags.DEFINE_string('adapter', None, 'generate: a PEFT adapter on --pretrained.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'generate: a prompt (repeat for a batch).')
+_PROMPTS = flags.DEFINE_string('prompts', None, 'generate: a JSONL file of prompts: '
+                               '{"prompt": ...} or {"messages": [...]} per line.')
+_MAX_NEW = flags.DEFINE_integer('max-new-tokens', 64, 'generate: tokens to generate per prompt.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top-k', 0, 'generate: sample among the k likeliest (0 = all).')
+_TOP_P = flags.DEFINE_float('top-p', 1.0, 'generate: nucleus sampling mass (1 = all).')
+_SEED = flags.DEFINE_integer('seed', 0, 'generate: sampling seed.')
+_CHAT = flags.DEFINE_boolean('chat', False, 'generate: wrap each prompt in the chat template.')
+_STOP = flags.DEFINE_multi_string('stop', [], 'generate: a token (its text) that ends a '
+                                  'completion, besides EOS (repeatable).')
+_BATCH_SIZE = flags.DEFINE_integer('batch-size', 8, 'generate: prompts per batch.')
 
 USAGE = """usage: ftjax COMMAND [flags]
 
 commands:
   train   fine-tune a model: ftjax train --config configs/demo.py --workdir /tmp/demo
   export  write a run as a Hugging Face folder: ftjax export --workdir RUN --out HF_DIR
+  generate  sample from a run or a Hugging Face folder (KV cache, sharded):
+          ftjax generate --workdir RUN | --pretrained HF_DIR [--adapter PEFT_DIR]
+            [--prompt TEXT ... | --prompts FILE.jsonl] [--chat] [--max-new-tokens N]
+            [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN] [--out F.jsonl]
+  plot    loss and learning rate against steps as a PNG: ftjax plot --workdir RUN [--out F.png]
   data    data prepare --source FILE --out FILE.array_record   (random access at scale)
           data bench --config X [--batches N]    (tokens/s of the input pipeline alone)
   checkpoint bench --config X     (blocking vs total time of an async checkpoint save)
+  bench   time the real train step: ftjax bench --config X [--steps N]  (tokens/s, MFU, memory)
+  plan    compile the train step for a TPU slice from this machine and say if it fits:
+          ftjax plan --config X --topology v5p-64
   launch  --local N --devices-per-process M -- ftjax train ...   (N processes on this machine)
 """
 
@@ -125,7 +152,8 @@ def _export(argv: list[str]) -> None:
   if not os.path.isfile(os.path.join(_WORKDIR.value, 'config.json')):
     _fail(f'--workdir={_WORKDIR.value!r} holds no config.json: not an ftjax run directory')
   try:
-    out = export.export(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value, dtype=_DTYPE.value)
+    out = export.export(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value,
+                        dtype=_DTYPE.value or 'bfloat16')
   except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
   print(f'exported {_WORKDIR.value} -> {out}')
@@ -185,7 +213,125 @@ def _checkpoint(argv: list[str]) -> None:
     print(json.dumps(checkpoint.bench(trainer.state, root)))
 
 
-COMMANDS = {'train': _train, 'export': _export, 'data': _data, 'checkpoint': _checkpoint}
+def _read_prompts() -> list[dict]:
+  import json
+
+  records = [{'prompt': p} for p in _PROMPT.value]
+  if _PROMPTS.value:
+    try:
+      with open(_PROMPTS.value, encoding='utf-8') as f:
+        records += [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+      _fail(f'--prompts={_PROMPTS.value!r}: {e}')
+  if not records:
+    _fail('no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.jsonl')
+  return records
+
+
+def _generate(argv: list[str]) -> None:
+  _join()
+  import json
+  import time
+
+  import jax
+
+  from ftjax import build, data, generation, weights
+
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {argv[1:]}')
+  if bool(_WORKDIR.value) == bool(_PRETRAINED.value):
+    _fail('usage: ftjax generate --workdir RUN | --pretrained HF_DIR [--prompt TEXT | '
+          '--prompts FILE.jsonl] [--max-new-tokens N] [--temperature T]')
+  if _ADAPTER.value and not _PRETRAINED.value:
+    _fail('--adapter needs --pretrained (the base the adapter was trained on)')
+  records = _read_prompts()
+  dtype = _DTYPE.value or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  try:
+    model, tok_spec, mesh, rules = build.for_generation(
+        pretrained_path=_PRETRAINED.value or '', adapter=_ADAPTER.value or '',
+        workdir=_WORKDIR.value or '', dtype=build.pretrained.DTYPES[dtype])
+    tok = data.formats.cached_tokenizer(tok_spec)
+  except (FileNotFoundError, ValueError, weights.CheckpointError) as e:
+    _fail(str(e))
+  encoder = data.formats.Encoder(tok_spec)
+  try:
+    prompts, _ = zip(*(encoder.prompt(r, chat=_CHAT.value) for r in records), strict=True)
+  except (data.formats.BadRecord, ValueError) as e:
+    _fail(f'prompt: {e}')
+  stop_ids = [tok.eos_id]
+  for text in _STOP.value:
+    ids = tok.encode(text)
+    if len(ids) != 1:
+      _fail(f'--stop={text!r} is {len(ids)} tokens; a stop must be a single token')
+    stop_ids += ids
+  start = time.perf_counter()
+  results = generation.complete(
+      model, [list(p) for p in prompts], batch_size=_BATCH_SIZE.value, stop_ids=stop_ids,
+      decode=tok.decode, mesh=mesh, rules=rules, max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
+      top_p=_TOP_P.value if _TOP_P.value < 1.0 else None, seed=_SEED.value)
+  if jax.process_index() != 0:
+    return
+  new_tokens = sum(len(r['tokens']) for r in results)
+  print(f'generated {new_tokens} tokens for {len(results)} prompts in '
+        f'{time.perf_counter() - start:.1f}s (compilation included)', file=sys.stderr)
+  rows = [{**r, 'prompt_tokens': len(p), **result}
+          for r, p, result in zip(records, prompts, results, strict=True)]
+  if _OUT.value and _OUT.value != '-':
+    with open(_OUT.value, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(row) + '\n' for row in rows)
+  for i, row in enumerate(rows):
+    if _OUT.value == '-':
+      print(json.dumps(row))
+    else:
+      shown = row['prompt'] if 'prompt' in row else tok.decode(prompts[i])
+      print(f'--- {i}\n{shown}{row["completion"]}')
+
+
+def _plot(argv: list[str]) -> None:
+  from ftjax import plot
+
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    _fail('usage: ftjax plot --workdir RUN [--out FILE.png]')
+  try:
+    out = plot.plot(_WORKDIR.value, _OUT.value)
+  except (FileNotFoundError, ValueError) as e:
+    _fail(str(e))
+  print(f'wrote {out}')
+
+
+def _bench(argv: list[str]) -> None:
+  import json
+
+  from ftjax import bench, train
+
+  if len(argv) > 1 or _CONFIG.value is None:
+    _fail('usage: ftjax bench --config configs/X.py [--steps N] [--config.KEY=VALUE ...]')
+  try:
+    result = bench.run(_CONFIG.value, steps=_STEPS.value)
+  except train.ConfigError as e:
+    _fail(str(e))
+  print(json.dumps(result))
+
+
+def _plan(argv: list[str]) -> None:
+  import json
+
+  from ftjax import plan, train
+
+  if len(argv) > 1 or _CONFIG.value is None or not _TOPOLOGY.value:
+    _fail('usage: ftjax plan --config configs/X.py --topology v5p-64 [--config.KEY=VALUE ...]')
+  try:
+    result = plan.run(_CONFIG.value, _TOPOLOGY.value)
+  except (train.ConfigError, plan.PlanError) as e:
+    _fail(str(e))
+  print(json.dumps(result))
+
+
+COMMANDS = {'train': _train, 'export': _export, 'generate': _generate, 'plot': _plot,
+            'data': _data, 'checkpoint': _checkpoint, 'bench': _bench, 'plan': _plan}
 
 
 def main() -> None:

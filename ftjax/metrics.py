@@ -1,4 +1,4 @@
-"""Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress bar."""
+"""Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress bar, optionally W&B."""
 
 from __future__ import annotations
 
@@ -21,17 +21,30 @@ def _plain(value: Any) -> Any:
 
 
 class Writer:
-  """Writes metrics to `workdir/metrics.jsonl` and `workdir/tensorboard/` on process 0 only."""
+  """Writes metrics to `workdir/metrics.jsonl` and `workdir/tensorboard/` on process 0 only.
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, progress: bool = True):
+  With `wandb_project`, also to Weights & Biases (imported only then; `WANDB_MODE=offline`
+  writes under `workdir/wandb` without a network). Numbers are scalars; a list of dicts
+  (sample completions) becomes a text table.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, progress: bool = True,
+               wandb_project: str = '', config: dict[str, Any] | None = None):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._jsonl = self._tb = self._bar = None
+    self._jsonl = self._tb = self._bar = self._wandb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(self.path, 'a', encoding='utf-8')  # noqa: SIM115 (closed in close())
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if wandb_project:
+      import wandb
+
+      # The run id comes from the workdir's path, so a resumed run continues the same W&B run.
+      self._wandb = wandb.init(project=wandb_project, dir=workdir, config=config,
+                               name=os.path.basename(os.path.abspath(workdir)),
+                               id=_wandb_id(workdir), resume='allow')
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', file=sys.stderr,
                             dynamic_ncols=True)
@@ -46,6 +59,11 @@ class Writer:
     for key, value in row.items():
       if key != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, int(step))
+      elif isinstance(value, list) and value and isinstance(value[0], dict):
+        self._tb.add_text(key, _markdown_table(value), int(step))
+    if self._wandb is not None:
+      self._wandb.log({k: _wandb_value(v) for k, v in row.items() if k != 'step'},
+                      step=int(step))
     if self._bar is not None and 'loss' in row:
       self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
 
@@ -69,3 +87,28 @@ class Writer:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+  keys = list(rows[0])
+  cell = lambda v: str(v).replace('|', '\\|').replace('\n', '<br>')
+  lines = ['| ' + ' | '.join(keys) + ' |', '|' + ' --- |' * len(keys)]
+  return '\n'.join(lines + ['| ' + ' | '.join(cell(r.get(k, '')) for k in keys) + ' |'
+                             for r in rows])
+
+
+def _wandb_value(value: Any) -> Any:
+  if isinstance(value, list) and value and isinstance(value[0], dict):
+    import wandb
+
+    keys = list(value[0])
+    return wandb.Table(columns=keys, data=[[str(r.get(k, '')) for k in keys] for r in value])
+  return value
+
+
+def _wandb_id(workdir: str) -> str:
+  import hashlib
+
+  return hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]

@@ -179,6 +179,26 @@ def use(mesh: Mesh, rules: dict) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def platform() -> str:
+  """'cpu', 'gpu' or 'tpu': of the active mesh's devices, else of JAX's default backend."""
+  active = _ACTIVE.get()
+  if active is None:
+    return jax.default_backend()
+  kind = active[0].devices.flat[0].platform
+  return 'gpu' if kind in ('cuda', 'rocm') else kind
+
+
+def shard_map_specs(arrays: Sequence[tuple[jax.Array, Sequence[str | None]]]
+                    ) -> tuple[Mesh | None, list[P]]:
+  """The active mesh and PartitionSpecs of (array, logical names) pairs, for `jax.shard_map`
+  around kernels XLA cannot partition itself; (None, []) outside `use`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return None, []
+  mesh, rules = active
+  return mesh, [spec(names, rules, x.shape, mesh) for x, names in arrays]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation to its logical layout; identity outside `use`."""
   active = _ACTIVE.get()

@@ -26,16 +26,19 @@ from ftjax import (
   build,
   checkpoint,
   data,
+  evals,
   losses,
   metrics,
   optim,
   sharding,
+  throughput,
 )
 from ftjax.config import (  # noqa: F401  (re-exported: the config API users reach via train)
   DTYPES,
   ConfigError,
   data_options,
   eval_sources,
+  generation_eval,
   lora_options,
   model_config,
   optim_kwargs,
@@ -54,22 +57,23 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def _loss_and_stats(params, frozen, batch, *, graphdef, dropout_key=None):
+def _loss_and_stats(params, frozen, batch, *, graphdef, dropout_key=None, loss_chunk=0):
   model = nnx.merge(graphdef, params, frozen)
-  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'],
-                 dropout_key=dropout_key)
-  return losses.next_token_xent(logits, batch['targets'], batch['loss_mask'])
+  hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
+                        dropout_key=dropout_key)
+  return losses.chunked_next_token_xent(hidden, batch['targets'], batch['loss_mask'],
+                                        model.logits, loss_chunk)
 
 
 def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-               dropout_key: jax.Array | None = None):
+               dropout_key: jax.Array | None = None, loss_chunk: int = 0):
   """Gradients of the summed masked loss, with that sum and the masked-token count."""
 
   def sum_loss(params):
     # Fresh Variables for the frozen weights at this trace level: NNX transforms inside the
     # model (the layer scan) refuse Variables created outside the gradient trace.
     stats = _loss_and_stats(params, jax.tree.map(lambda x: x, frozen), batch, graphdef=graphdef,
-                            dropout_key=dropout_key)
+                            dropout_key=dropout_key, loss_chunk=loss_chunk)
     return stats['loss_sum'], stats['tokens']
 
   (loss_sum, tokens), grads = jax.value_and_grad(sum_loss, has_aux=True)(params)
@@ -78,7 +82,7 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
 
 def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
                tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int,
-               dropout_seed: int | None = None):
+               dropout_seed: int | None = None, loss_chunk: int = 0):
   """One optimizer step over the global batch, split into `grad_accum` microbatches.
 
   Gradients are summed over all masked tokens of all microbatches, then divided by
@@ -89,7 +93,7 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
          else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
   if grad_accum == 1:
     grads, loss_sum, tokens = loss_grads(state.params, frozen, batch, graphdef=graphdef,
-                                         dropout_key=key)
+                                         dropout_key=key, loss_chunk=loss_chunk)
   else:
     # Row r goes to microbatch r % grad_accum: each device keeps its own rows.
     micro = jax.tree.map(
@@ -99,7 +103,8 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
     def accumulate(carry, inputs):
       microbatch, index = inputs
       micro_key = None if key is None else jax.random.fold_in(key, index)
-      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef, dropout_key=micro_key)
+      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef, dropout_key=micro_key,
+                       loss_chunk=loss_chunk)
       return jax.tree.map(jnp.add, carry, out), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
@@ -115,9 +120,10 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
   return new_state, out
 
 
-def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef):
+def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
+              loss_chunk: int = 0):
   """Sums for held-out loss and exact match (every masked target is the argmax)."""
-  stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef)
+  stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef, loss_chunk=loss_chunk)
   has_target = stats['row_tokens'] > 0
   exact = has_target & (stats['row_correct'] == stats['row_tokens'])
   return dict(loss_sum=stats['loss_sum'], tokens=stats['tokens'],
@@ -141,8 +147,13 @@ class Trainer:
 def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
           optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
           pretrained_path: str = '', lora_options: dict[str, Any] | None = None,
-          num_slices: int = 1, devices=None) -> Trainer:
-  """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps."""
+          num_slices: int = 1, devices=None, loss_chunk: int = 0,
+          abstract: bool = False) -> Trainer:
+  """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps.
+
+  `abstract=True` allocates nothing: the state and frozen weights are shape/dtype/sharding
+  structs, for compiling ahead of time (`ftjax plan`, memory analysis) on any `devices`.
+  """
   try:
     mesh = sharding.make_mesh(mesh_shape, devices, num_slices=num_slices)
     rules = sharding.get_rules(rules_name)
@@ -155,9 +166,13 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
         f'mesh {dict(mesh.shape)} times optim.grad_accum={grad_accum} '
         f'(= {shards * grad_accum}).')
   try:
-    model, trainable = build.model(arch, model_options=model_options, mesh=mesh, rules=rules,
-                                   seed=seed, pretrained_path=pretrained_path,
-                                   lora_options=lora_options)
+    if abstract:
+      model, trainable = build.abstract_model(arch, model_options=model_options, seed=seed,
+                                              lora_options=lora_options)
+    else:
+      model, trainable = build.model(arch, model_options=model_options, mesh=mesh, rules=rules,
+                                     seed=seed, pretrained_path=pretrained_path,
+                                     lora_options=lora_options)
   except ValueError as e:
     if 'lora.targets' not in str(e):
       raise
@@ -168,23 +183,71 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
   def init_state(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  state_sh = sharding.state_shardings(jax.eval_shape(init_state, params), mesh, rules)
-  state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
+  abstract_state = jax.eval_shape(init_state, params)
+  state_sh = sharding.state_shardings(abstract_state, mesh, rules)
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)
+  if abstract:
+    state, frozen = _with_shardings(abstract_state, state_sh), _with_shardings(frozen, frozen_sh)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
   batch_sh = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, P())
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
-                        dropout_seed=seed if lora_options and lora_options['dropout'] else None),
+                        dropout_seed=seed if lora_options and lora_options['dropout'] else None,
+                        loss_chunk=loss_chunk),
       in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=loss_chunk),
                     in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=replicated)
   return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh)
 
 
-def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Held-out loss, perplexity and exact-match accuracy over every eval example."""
+def setup_from_config(config: ml_collections.ConfigDict, arch: llama.Config, *,
+                      pretrained_path: str | None = None, lora: dict[str, Any] | None = None,
+                      abstract: bool = False, devices=None) -> Trainer:
+  """`setup` with the arguments the config's sections give (what `ftjax train` builds).
+
+  `pretrained_path` (default: model.pretrained) and `lora` (default: the lora section) let
+  `ftjax bench` and `ftjax plan` build the same step with random weights and fresh adapters.
+  """
+  c_model = config.model
+  return setup(
+      arch=arch,
+      model_options=dict(dtype=DTYPES[c_model.dtype], param_dtype=DTYPES[c_model.param_dtype],
+                         remat=c_model.remat, attention_impl=c_model.attention),
+      mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
+      optim_kwargs=optim_kwargs(config.optim, config.train.steps),
+      grad_accum=config.optim.grad_accum, global_batch=config.data.global_batch,
+      seed=config.train.seed,
+      pretrained_path=c_model.pretrained if pretrained_path is None else pretrained_path,
+      lora_options=lora_options(config.lora) if lora is None else lora,
+      num_slices=config.mesh.num_slices, devices=devices, loss_chunk=c_model.loss_chunk,
+      abstract=abstract)
+
+
+def trained_adapters(config: ml_collections.ConfigDict, trainer: Trainer) -> int | None:
+  """LoRA adapter weights trained (for the MFU's LoRA correction); None for full fine-tuning."""
+  if lora_options(config.lora) is None:
+    return None
+  return throughput.adapter_params(trainer.state.params)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]] | None,
+             generation: evals.GenerationEval | None = None) -> dict[str, Any]:
+  """Held-out loss, perplexity and exact-match accuracy over every eval example; with
+  `generation`, also the score of greedy completions and a few samples."""
+  generated: dict[str, Any] = {}
+  if generation is not None:
+    model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.frozen)
+    generated = generation.run(model, trainer.mesh, trainer.rules)
+  if not batches:
+    return generated
   totals = None
   with sharding.use(trainer.mesh, trainer.rules):
     for batch, _ in data.device_batches(iter(batches), trainer.batch_sharding):
@@ -194,7 +257,7 @@ def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]]) -> dict[str
   loss = float(totals['loss_sum']) / max(float(totals['tokens']), 1.0)
   return dict(eval_loss=loss, eval_perplexity=float(np.exp(min(loss, 80.0))),
               eval_accuracy=float(totals['exact']) / max(float(totals['examples']), 1.0),
-              eval_examples=int(totals['examples']))
+              eval_examples=int(totals['examples']), **generated)
 
 
 EXIT_RESTART = 75  # EX_TEMPFAIL: preempted after a committed save; run the command again
@@ -275,14 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump({**config.to_dict(), 'resolved_model': dataclasses.asdict(arch)}, f, indent=2)
 
-  trainer = setup(
-      arch=arch,
-      model_options=dict(dtype=DTYPES[c_model.dtype], param_dtype=DTYPES[c_model.param_dtype],
-                         remat=c_model.remat, attention_impl=c_model.attention),
-      mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
-      optim_kwargs=optim_kwargs(config.optim, c_train.steps), grad_accum=config.optim.grad_accum,
-      global_batch=c_data.global_batch, seed=c_train.seed, pretrained_path=c_model.pretrained,
-      lora_options=lora_options(config.lora), num_slices=config.mesh.num_slices)
+  trainer = setup_from_config(config, arch)
   options = data_options(config)
   train_iter = data.train_batches(train_sources(c_data), options,
                                   global_batch=c_data.global_batch, seed=c_train.seed,
@@ -290,18 +346,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_set = (data.eval_batches(eval_sources(c_data), options, global_batch=c_data.global_batch,
                                 max_examples=c_data.max_eval_examples)
               if c_data.eval_path else None)
+  gen_eval = generation_eval(config)
   n_params = sharding.count_params(trainer.state.params)
   logging.info('model %s: %d trainable parameters; mesh %s', c_model.preset, n_params,
                dict(trainer.mesh.shape))
 
   manager, start_step = restore_or_start(config, workdir, trainer, train_iter)
   writer = metrics.Writer(workdir, total_steps=c_train.steps, start_step=start_step,
-                          progress=c_train.progress)
+                          progress=c_train.progress, wandb_project=c_train.wandb_project,
+                          config=config.to_dict())
   writer.print(f'ftjax: {c_model.preset} ({n_params:,} params) on mesh {dict(trainer.mesh.shape)}, '
                f'steps {start_step + 1}..{c_train.steps}'
                + (f' (resumed from step {start_step})' if start_step else ''))
   if start_step == 0:
-    first_eval = evaluate(trainer, eval_set) if eval_set else None
+    first_eval = evaluate(trainer, eval_set, gen_eval) if eval_set or gen_eval else None
     if first_eval:
       writer.write(0, first_eval)
   else:
@@ -311,15 +369,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = dict(ftjax_version=__version__, mesh=dict(trainer.mesh.shape), preset=c_model.preset,
               config=json.loads(config.to_json_best_effort()))
   stop_at = c_train.stop_at_step
-  batches = data.device_batches(train_iter, trainer.batch_sharding)
+  batches = data.Prefetcher(train_iter, trainer.batch_sharding, depth=c_data.prefetch)
+  speed = throughput.Meter(arch, num_devices=trainer.mesh.size,
+                           adapter_params=trained_adapters(config, trainer),
+                           compute_dtype=DTYPES[c_model.dtype])
   start = time.perf_counter()
   window_start, window_tokens, window_steps, logged = start, 0, 0, {}
   row_tokens = c_data.global_batch * c_data.seq_len
   preempted_at = None
   with sharding.use(trainer.mesh, trainer.rules):
     for step in range(start_step + 1, c_train.steps + 1):
-      batch, real_tokens = next(batches)
+      batch, segment_ids = next(batches)
       trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+      real_tokens = speed.add(segment_ids)
       window_tokens += real_tokens * jax.process_count()
       window_steps += 1
       writer.advance()
@@ -327,17 +389,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if step % c_train.log_every == 0 or is_last:
         logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         now = time.perf_counter()
-        logged['tokens_per_s'] = window_tokens / max(now - window_start, 1e-9)
+        logged.update(speed.report(now - window_start, window_steps))
         logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
         logged['skipped_records'] = sum(train_iter.skipped.counts.values())
         window_start, window_tokens, window_steps = now, 0, 0
-        if eval_set and ((c_train.eval_every > 0 and step % c_train.eval_every == 0) or is_last):
-          last_eval = evaluate(trainer, eval_set)
+        every = config.eval.every_steps
+        if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
+          last_eval = evaluate(trainer, eval_set, gen_eval)
           logged.update(last_eval)
         writer.write(step, logged)
       stop = step == stop_at or preemption.reached(step, manager)
       if stop or is_last or manager.due(step):
-        manager.save(step, trainer.state, train_iter.iterator, meta)
+        manager.save(step, trainer.state, batches, meta)
       if stop:
         preempted_at = step
         break
@@ -356,7 +419,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   line = (f'done: {c_train.steps} steps in {wall:.1f}s, final train loss '
           f'{summary["final_loss"]:.4f}' if summary['final_loss'] is not None
           else f'done: nothing to do, the checkpoint is at step {start_step}')
-  if first_eval and last_eval:
+  has_eval_loss = bool(first_eval and last_eval and 'eval_loss' in last_eval)
+  if has_eval_loss:
     summary.update(eval_loss_before=first_eval['eval_loss'], eval_loss_after=last_eval['eval_loss'],
                    accuracy_before=first_eval['eval_accuracy'],
                    accuracy_after=last_eval['eval_accuracy'],
@@ -365,7 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if train_iter.skipped.counts:
     line += f', skipped records {dict(sorted(train_iter.skipped.counts.items()))}'
   writer.print(line)
-  if first_eval and last_eval:
+  if has_eval_loss:
     writer.print(f'held-out accuracy: before {first_eval["eval_accuracy"]:.2f} -> after '
                  f'{last_eval["eval_accuracy"]:.2f} (n={last_eval["eval_examples"]})')
   writer.close()

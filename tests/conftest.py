@@ -39,7 +39,8 @@ def small_config(addition_data):
   c.data.update(path=addition_data[0], eval_path=addition_data[1], seq_len=16,
                 global_batch=8)
   c.optim.update(lr=3e-3, warmup_steps=2)
-  c.train.update(steps=6, log_every=2, eval_every=0, progress=False)
+  c.train.update(steps=6, log_every=2, progress=False)
+  c.eval.update(every_steps=0)
   return c
 
 

@@ -87,7 +87,7 @@ SLOW_SAVE = ['--config.model.embed_dim=512', '--config.model.mlp_dim=2048',
              '--config.model.num_layers=6', '--config.model.num_heads=8',
              '--config.model.num_kv_heads=8', '--config.model.head_dim=64',
              '--config.model.vocab_size=2048', '--config.data.global_batch=8',
-             '--config.train.log_every=1', '--config.train.eval_every=0',
+             '--config.train.log_every=1', '--config.eval.every_steps=0',
              '--config.data.eval_path=', '--config.ckpt.every_steps=2']
 
 

@@ -15,7 +15,7 @@ def test_demo_accuracy_rises(tmp_path):
   # The demo shortened to 600 steps (the full one runs 1000) on one CPU device.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   cmd = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-         f'--workdir={tmp_path}', '--config.train.steps=600', '--config.train.eval_every=300',
+         f'--workdir={tmp_path}', '--config.train.steps=600', '--config.eval.every_steps=300',
          '--config.train.progress=False']
   result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -44,7 +44,7 @@ def test_lora_on_a_partly_trained_demo_model_raises_accuracy(tmp_path):
     return result.stdout
 
   ftjax('train', '--config', f'{REPO}/configs/demo.py', f'--workdir={tmp_path}/base',
-        '--config.train.steps=300', '--config.train.eval_every=0')
+        '--config.train.steps=300', '--config.eval.every_steps=0')
   ftjax('export', f'--workdir={tmp_path}/base', f'--out={tmp_path}/base_hf', '--dtype=float32')
   out = ftjax('train', '--config', f'{REPO}/configs/demo_lora.py', f'--workdir={tmp_path}/lora',
               f'--config.model.pretrained={tmp_path}/base_hf')

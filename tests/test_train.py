@@ -22,14 +22,18 @@ def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
   records = [{'prompt': f'{a}+{a}=', 'completion': str(2 * a)} for a in range(8)]
   small_config.data.path = write_jsonl(tmp_path / 'repeated.jsonl', records)
   small_config.optim.lr = 1e-2
-  small_config.train.update(steps=40, log_every=10, eval_every=20)
+  small_config.train.update(steps=40, log_every=10)
+  small_config.eval.update(every_steps=20)
   summary = train.run(small_config, str(tmp_path))
   rows = _rows(tmp_path)
   assert [r['step'] for r in rows] == [0, 10, 20, 30, 40]
   for r in rows[1:]:
-    assert {'loss', 'learning_rate', 'grad_norm', 'tokens_per_s', 'packing_efficiency',
+    assert {'loss', 'learning_rate', 'grad_norm', 'tokens_per_s', 'tokens_per_s_per_device',
+            'step_s', 'mfu', 'model_tflops_per_step', 'packing_efficiency',
             'skipped_records'} <= set(r)
     assert r['tokens_per_s'] > 0 and 0 < r['packing_efficiency'] <= 1
+    assert r['tokens_per_s_per_device'] == pytest.approx(r['tokens_per_s'] / 8)
+    assert 0 < r['mfu'] < 1.5 and r['model_tflops_per_step'] > 0
     assert r['skipped_records'] == 0
   assert {'eval_loss', 'eval_perplexity', 'eval_accuracy'} <= set(rows[2])
   assert rows[-1]['loss'] < 0.2 * rows[1]['loss']

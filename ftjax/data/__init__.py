@@ -4,6 +4,7 @@ from ftjax.data.formats import FORMATS, TEMPLATES, BadRecord, EncodeDoc, Encoder
 from ftjax.data.pipeline import (
     FIELDS,
     Options,
+    Prefetcher,
     Source,
     TrainData,
     device_batches,
@@ -15,5 +16,5 @@ from ftjax.data.pipeline import (
 from ftjax.data.sources import DataError, kind_of, open_source, prepare
 
 __all__ = ['FIELDS', 'FORMATS', 'TEMPLATES', 'BadRecord', 'DataError', 'EncodeDoc', 'Encoder',
-           'Options', 'Source', 'TrainData', 'device_batches', 'documents', 'eval_batches',
-           'kind_of', 'open_source', 'prepare', 'to_global', 'train_batches']
+           'Options', 'Prefetcher', 'Source', 'TrainData', 'device_batches', 'documents',
+           'eval_batches', 'kind_of', 'open_source', 'prepare', 'to_global', 'train_batches']

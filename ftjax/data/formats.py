@@ -140,6 +140,29 @@ class Encoder:
       return self._chat(messages_of(record, fmt))
     raise BadRecord('unknown_format', f'unknown format {fmt!r}; expected one of {FORMATS}')
 
+  def prompt(self, record: Any, *, chat: bool = False) -> tuple[list[int], str]:
+    """The ids a model continues from, tokenized as in training, and the reference answer.
+
+    A `prompt` record (its `completion` or `reference` is the answer) becomes a user turn when
+    `chat` is set; a conversation ending with an assistant turn is answered by that turn.
+    """
+    if not isinstance(record, dict):
+      raise BadRecord('wrong_type', f'expected a JSON object, got {type(record).__name__}')
+    tok = self.tokenizer
+    reference = record.get('completion', record.get('reference', record.get('output', '')))
+    if 'prompt' in record and chat:
+      messages = [{'role': 'user', 'content': _str(record, 'prompt')}]
+    elif 'prompt' in record or 'instruction' in record:
+      prompt_ids, _ = self.encode({**record, 'completion': '', 'output': ''})
+      return prompt_ids[:-1], str(reference)  # drop the completion's EOS
+    else:
+      messages = messages_of(record, detect(record))
+      if messages and messages[-1]['role'] == 'assistant':
+        messages, reference = messages[:-1], messages[-1]['content']
+    tok = dataclasses.replace(tok, chat_template=self.template())
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return tok.encode(text), str(reference)
+
   def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     tok = dataclasses.replace(self.tokenizer, chat_template=self.template())
     if not any(m['role'] == 'assistant' for m in messages) and self.train_on != 'all':

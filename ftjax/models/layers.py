@@ -6,13 +6,16 @@ This is the only module that attaches sharding metadata to parameters.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
+
+from ftjax import sharding
 
 
 def param(
@@ -142,16 +145,92 @@ def attention(
   mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
   if window is not None:
     mask &= (positions[:, None, :, None] - positions[:, None, None, :]) < window
+  implementation = attention_implementation(implementation, softcap=softcap, length=q.shape[1],
+                                            window=window)
+  if implementation == 'splash':
+    from ftjax.models import splash
+
+    return splash.attention(q, k, v, segment_ids, scale=scale, window=window, softcap=softcap)
   if not softcap:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                         implementation=implementation)
+  t = q.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return masked_attention(q, k, v, (mask & causal[None, None])[:, 0], scale=scale, softcap=softcap)
+
+
+_FALLBACKS_SAID: set[str] = set()
+
+
+def attention_implementation(requested: str | None, *, softcap: float = 0.0, length: int = 0,
+                             window=None) -> str:
+  """The attention kernel to use: `requested` where the platform has it, else XLA (said once).
+
+  cuDNN flash attention needs an NVIDIA GPU, Pallas splash attention a TPU. The platform is
+  that of the active mesh (so `ftjax plan` compiles for the TPU it plans for), else JAX's default.
+  """
+  requested = requested or 'xla'
+  platform = sharding.platform()
+  reason = None
+  if requested == 'cudnn':
+    if platform != 'gpu':
+      reason = f'needs a GPU, this is {platform}'
+    elif softcap:
+      reason = 'cuDNN has no logit soft-capping'
+  elif requested == 'splash':
+    from ftjax.models import splash
+
+    # CPU tests run the same kernel in Pallas' interpreter.
+    if platform != 'tpu' and not (platform == 'cpu' and splash.INTERPRET):
+      reason = f'needs a TPU, this is {platform}'
+    else:
+      reason = splash.supported(length, window)
+  if reason is None:
+    return requested
+  if requested not in _FALLBACKS_SAID:
+    _FALLBACKS_SAID.add(requested)
+    logging.warning('model.attention=%s %s: using XLA attention instead', requested, reason)
+  return 'xla'
+
+
+def masked_attention(
+    q: Float[Array, 'B T N H'],
+    k: Float[Array, 'B S K H'],
+    v: Float[Array, 'B S K H'],
+    allowed: Bool[Array, 'B T S'],
+    *,
+    scale: float,
+    softcap: float = 0.0,
+) -> Float[Array, 'B T N H']:
+  """Grouped-query attention with an explicit mask, float32 logits, optional soft-capping.
+
+  A query that may attend to nothing (a padding token) gets a uniform average, not NaN.
+  """
   b, t, n, h = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
-  logits = softcap * jnp.tanh(logits / softcap)
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  allowed = (mask & causal[None, None])[:, :, None]  # [B, 1, 1, T, S]
-  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(b, t, n, h)
+
+
+def cached_attention(
+    q: Float[Array, 'B T N H'],
+    k: Float[Array, 'B S K H'],
+    v: Float[Array, 'B S K H'],
+    positions: Int[Array, 'B T'],
+    key_positions: Int[Array, 'B S'],
+    *,
+    scale: float,
+    window: jax.Array | int | None = None,
+    softcap: float = 0.0,
+) -> Float[Array, 'B T N H']:
+  """New queries over a KV cache: causal by position; slots at position -1 are empty."""
+  q_pos, k_pos = positions[:, :, None], key_positions[:, None, :]
+  allowed = (k_pos >= 0) & (k_pos <= q_pos)
+  if window is not None:
+    allowed &= (q_pos - k_pos) < window
+  return masked_attention(q, k, v, allowed, scale=scale, softcap=softcap)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import Literal
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,11 +23,13 @@ from jaxtyping import Array, Float, Int
 from ftjax import sharding
 from ftjax.models import layers
 
-RematPolicy = Literal['none', 'dots', 'full']
+RematPolicy = Literal['none', 'dots', 'offload', 'full']
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 REMAT_POLICIES = {
     'full': None,  # save nothing inside a layer, recompute everything
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Like 'dots', but the saved matmul outputs wait in pinned host memory, not in HBM.
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 
 
@@ -137,10 +140,9 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.implementation = implementation
 
-  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
-               key=None) -> Float[Array, 'B T D']:
+  def _qkv(self, x: Float[Array, 'B T D'], rope, keys) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projected, normed and rotated q `[B T N H]`, k and v `[B T K H]`."""
     cfg = self.cfg
-    keys = _split(key, 4)
     q, k, v = self.q(x, key=keys[0]), self.k(x, key=keys[1]), self.v(x, key=keys[2])
     if cfg.qkv_bias:
       q = q + self.q_bias.get_value().astype(q.dtype)[None, None]
@@ -150,11 +152,44 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     sin, cos = rope
     q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
-    q = sharding.constrain(q, ('batch', 'seq', 'heads', 'head_dim'))
+    return sharding.constrain(q, ('batch', 'seq', 'heads', 'head_dim')), k, v
+
+  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
+               key=None) -> Float[Array, 'B T D']:
+    cfg = self.cfg
+    keys = _split(key, 4)
+    q, k, v = self._qkv(x, rope, keys)
     out = layers.attention(q, k, v, segment_ids, positions,
                            scale=(cfg.query_scale or cfg.head_dim) ** -0.5, window=window,
                            softcap=cfg.attn_softcap, implementation=self.implementation)
     return self.o(out, key=keys[3])
+
+  def decode(self, x: Float[Array, 'B T D'], rope, positions: Int[Array, 'B T'],
+             key_positions: Int[Array, 'B S'], window, k_cache: Float[Array, 'B S K H'],
+             v_cache: Float[Array, 'B S K H'], start: jax.Array, prefill: bool = False):
+    """Attention of `x` (at cache slots `start..start+T-1`) over the cache; returns the new cache.
+
+    `key_positions` are the positions of every cache slot after this write (-1 = empty).
+    `prefill` (an empty cache, `start` 0): the tokens attend only to each other, through the
+    training kernel (`implementation`), so a long prompt never meets the einsum path.
+    """
+    cfg = self.cfg
+    q, k, v = self._qkv(x, rope, [None] * 3)
+    names = ('batch', 'seq', 'kv_heads', 'head_dim')
+    k_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+        k_cache, k.astype(k_cache.dtype), start, axis=1), names)
+    v_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+        v_cache, v.astype(v_cache.dtype), start, axis=1), names)
+    scale = (cfg.query_scale or cfg.head_dim) ** -0.5
+    if prefill:  # padding tokens (position -1) form their own segment, seen by no real token
+      out = layers.attention(q, k, v, (positions >= 0).astype(jnp.int32), positions, scale=scale,
+                             window=window, softcap=cfg.attn_softcap,
+                             implementation=self.implementation)
+    else:
+      out = layers.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                    positions, key_positions, scale=scale, window=window,
+                                    softcap=cfg.attn_softcap)
+    return self.o(out), k_cache, v_cache
 
 
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -201,6 +236,16 @@ class Block(nnx.Module):
     y = self.mlp(self.mlp_norm(x), key=keys[1])
     x = x + (self.mlp_post_norm(y) if self.post_norms else y)
     return sharding.constrain(x, ('batch', 'seq', 'embed'))
+
+  def decode(self, x: Float[Array, 'B T D'], rope, positions, key_positions, window, k_cache,
+             v_cache, start, prefill=False):
+    """The block on new tokens with a KV cache (see `Attention.decode`)."""
+    y, k_cache, v_cache = self.attn.decode(self.attn_norm(x), rope, positions, key_positions,
+                                           window, k_cache, v_cache, start, prefill)
+    x = x + (self.attn_post_norm(y) if self.post_norms else y)
+    y = self.mlp(self.mlp_norm(x))
+    x = x + (self.mlp_post_norm(y) if self.post_norms else y)
+    return sharding.constrain(x, ('batch', 'seq', 'embed')), k_cache, v_cache
 
 
 class Llama(nnx.Module):
@@ -250,29 +295,28 @@ class Llama(nnx.Module):
 
     `dropout_key` turns on dropout in layers that have it (LoRA adapters); None = inference.
     """
+    return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key=dropout_key))
+
+  def hidden(
+      self,
+      tokens: Int[Array, 'B T'],
+      positions: Int[Array, 'B T'] | None = None,
+      segment_ids: Int[Array, 'B T'] | None = None,
+      *,
+      dropout_key: jax.Array | None = None,
+  ) -> Float[Array, 'B T D']:
+    """Final-norm hidden states: everything but the LM head (which a chunked loss applies)."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     is_global = np.array([cfg.is_global(i) for i in range(cfg.num_layers)])
-    global_rope = cfg.rope(True).sin_cos(positions, cfg.head_dim)
-    local_rope = cfg.rope(False).sin_cos(positions, cfg.head_dim)
-    table = self.embed.get_value()
-    # Gather from a table replicated along vocab: XLA cannot partition a gather whose
-    # operand is split on the gathered axis without replicating it first.
-    lookup = sharding.constrain(table, (None, 'embed'))
-    x = jnp.take(lookup, tokens, axis=0).astype(self.dtype)
-    if cfg.embed_scale:
-      x = x * jnp.asarray(cfg.embed_dim**0.5, dtype=self.dtype)
-    x = sharding.constrain(x, ('batch', 'seq', 'embed'))
+    layer_rope = self._layer_rope(positions, is_global.all(), tokens.shape[1] + 1)
+    x = self._embed(tokens)
 
     def layer(block: Block, x, layer_is_global, layer_key):
-      if is_global.all():
-        rope, window = global_rope, None
-      else:
-        rope = jax.tree.map(lambda g, l: jnp.where(layer_is_global, g, l), global_rope, local_rope)
-        window = jnp.where(layer_is_global, tokens.shape[1] + 1, cfg.sliding_window)
+      rope, window = layer_rope(layer_is_global)
       key = None if dropout_key is None else layer_key
       return block(x, rope, positions, segment_ids, window, key=key)
 
@@ -283,11 +327,91 @@ class Llama(nnx.Module):
     x = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry,
                  transform_metadata={nnx.PARTITION_NAME: 'layers'})(
                      self.blocks, x, jnp.asarray(is_global), layer_keys)
-    x = self.final_norm(x)
+    return self.final_norm(x)
+
+  def _layer_rope(self, positions: Int[Array, 'B T'], all_global: bool, global_window: int):
+    """`layer_is_global -> (rope sin/cos, window)` for one scanned layer."""
+    cfg = self.cfg
+    global_rope = cfg.rope(True).sin_cos(positions, cfg.head_dim)
+    if all_global:
+      return lambda layer_is_global: (global_rope, None)
+    local_rope = cfg.rope(False).sin_cos(positions, cfg.head_dim)
+    if not any(cfg.is_global(i) for i in range(cfg.num_layers)):  # Mistral: one static window
+      return lambda layer_is_global: (local_rope, cfg.sliding_window)
+
+    def select(layer_is_global):
+      rope = jax.tree.map(lambda g, l: jnp.where(layer_is_global, g, l), global_rope, local_rope)
+      return rope, jnp.where(layer_is_global, global_window, cfg.sliding_window)
+
+    return select
+
+  def _embed(self, tokens: Int[Array, 'B T']) -> Float[Array, 'B T D']:
+    # Gather from a table replicated along vocab: XLA cannot partition a gather whose
+    # operand is split on the gathered axis without replicating it first.
+    lookup = sharding.constrain(self.embed.get_value(), (None, 'embed'))
+    x = jnp.take(lookup, tokens, axis=0).astype(self.dtype)
+    if self.cfg.embed_scale:
+      x = x * jnp.asarray(self.cfg.embed_dim**0.5, dtype=self.dtype)
+    return sharding.constrain(x, ('batch', 'seq', 'embed'))
+
+  def _head(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T V']:
+    """Final norm, then logits."""
+    return self.logits(self.final_norm(x))
+
+  def logits(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T V']:
+    """The LM head over final-norm hidden states (tied or not, soft-capped if the family does)."""
+    cfg = self.cfg
     if cfg.tie_embeddings:
-      logits = jnp.einsum('BTD,VD->BTV', x, table.astype(self.dtype))
+      logits = jnp.einsum('BTD,VD->BTV', x, self.embed.get_value().astype(self.dtype))
     else:
       logits = self.lm_head(x)
     if cfg.final_softcap:
       logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     return sharding.constrain(logits, ('batch', 'seq', 'vocab'))
+
+  def decode(self, tokens: Int[Array, 'B T'], positions: Int[Array, 'B T'], cache: KVCache,
+             start: jax.Array | int, *, prefill: bool = False,
+             last: jax.Array | None = None) -> tuple[Float[Array, 'B T V'], KVCache]:
+    """Logits of `tokens` written at cache slots `start..start+T-1`, and the updated cache.
+
+    Prefill passes the whole (padded) prompt at `start=0` with `prefill=True`, decoding one
+    token per call after it. `positions` are rope positions; -1 marks a padding token, whose
+    slot stays empty so no later query attends to it. Any padding layout works (left, right,
+    between). `last` (a column per row): only that position's logits, `[B, 1, V]`.
+    """
+    cfg = self.cfg
+    start = jnp.asarray(start, jnp.int32)
+    key_positions = jax.lax.dynamic_update_slice_in_dim(
+        cache.positions, positions.astype(cache.positions.dtype), start, axis=1)
+    is_global = np.array([cfg.is_global(i) for i in range(cfg.num_layers)])
+    layer_rope = self._layer_rope(positions, is_global.all(), cache.k.shape[2] + 1)
+
+    def layer(block: Block, x, k_cache, v_cache, layer_is_global):
+      rope, window = layer_rope(layer_is_global)
+      x, k_cache, v_cache = block.decode(x, rope, positions, key_positions, window, k_cache,
+                                         v_cache, start, prefill)
+      return x, (k_cache, v_cache)
+
+    x, (k, v) = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                         transform_metadata={nnx.PARTITION_NAME: 'layers'})(
+                             self.blocks, self._embed(tokens), cache.k, cache.v,
+                             jnp.asarray(is_global))
+    if last is not None:
+      x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+    return self._head(x), KVCache(k=k, v=v, positions=key_positions)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, stacked on 'layers' like the weights, for decoding."""
+
+  k: Float[Array, 'L B S K H']
+  v: Float[Array, 'L B S K H']
+  positions: Int[Array, 'B S']  # rope position of each slot; -1 = empty (padding, not yet written)
+
+  @classmethod
+  def empty(cls, cfg: Config, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+    """A cache of `length` empty slots per row."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               positions=jnp.full((batch, length), -1, jnp.int32))

@@ -1,0 +1,119 @@
+"""`ftjax bench`: compile, warm up and time the real train step on synthetic batches.
+
+The batches have the config's shapes (global batch x seq_len, one document per row), so the
+figures are the model's and the mesh's, not the input pipeline's (`ftjax data bench` times that).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ftjax import data, sharding, throughput, train
+
+
+def synthetic_batch(global_batch: int, seq_len: int, vocab: int, batch_sharding,
+                    seed: int = 0) -> dict[str, jax.Array]:
+  """Random full rows (every position a real token in the loss), laid out like training data."""
+  rows = global_batch // jax.process_count()
+  rng = np.random.default_rng(seed + jax.process_index())
+  tokens = rng.integers(3, vocab, (rows, seq_len + 1), dtype=np.int32)
+  local = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:],
+               positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)),
+               segment_ids=np.ones((rows, seq_len), np.int32),
+               loss_mask=np.ones((rows, seq_len), np.int32))
+  return data.to_global(local, batch_sharding)
+
+
+def memory(compiled: Any) -> dict[str, int]:
+  """Per-device bytes of a compiled step, from XLA's memory analysis."""
+  m = compiled.memory_analysis()
+  out = dict(arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
+             temporaries=int(m.temp_size_in_bytes), aliased=int(m.alias_size_in_bytes),
+             code=int(m.generated_code_size_in_bytes))
+  # Donated arguments that are aliased to outputs occupy their buffer once.
+  out['total'] = out['arguments'] + out['outputs'] + out['temporaries'] - out['aliased']
+  return out
+
+
+def _device_peak_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def trainer_for(config: ml_collections.ConfigDict, *, abstract: bool = False,
+                devices=None) -> tuple[Any, train.Trainer]:
+  """The architecture and the trainer `ftjax train` would build, with random weights.
+
+  A `model.pretrained` folder contributes its architecture, not its weights (the step's cost
+  does not depend on them, and reading them would dominate the benchmark).
+  """
+  arch = train.validate(config, need_data=False)
+  trainer = train.setup_from_config(config, arch, pretrained_path='', lora=_fresh_lora(config),
+                                    abstract=abstract, devices=devices)
+  return arch, trainer
+
+
+def _fresh_lora(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  options = train.lora_options(config.lora)
+  if options and options.get('adapter'):
+    options = {**options, 'adapter': ''}  # same shapes when lora.rank matches the adapter's
+  return options
+
+
+def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+  """Times `steps` train steps after `warmup` ones; returns the figures `ftjax bench` prints."""
+  arch, trainer = trainer_for(config)
+  c_data = config.data
+  batch = synthetic_batch(c_data.global_batch, c_data.seq_len, arch.vocab_size,
+                          trainer.batch_sharding, seed=config.train.seed)
+  with sharding.use(trainer.mesh, trainer.rules):
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, times = trainer.state, []
+    for i in range(warmup + steps):
+      start = time.perf_counter()
+      state, out = compiled(state, trainer.frozen, batch)
+      jax.block_until_ready((state, out))
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+  trainer.state = state
+  tokens = c_data.global_batch * c_data.seq_len
+  flops = throughput.train_flops(
+      arch, tokens=tokens, lengths=[c_data.seq_len] * c_data.global_batch,
+      adapter_params=train.trained_adapters(config, trainer))
+  peak = throughput.peak(dtype=train.DTYPES[config.model.dtype])
+  median = statistics.median(times)
+  n_devices = trainer.mesh.size
+  trainable = sharding.count_params(state.params)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return dict(
+      tokens_per_s=tokens / median,
+      tokens_per_s_per_device=tokens / median / n_devices,
+      step_s=dict(median=median, p90=float(np.percentile(times, 90)), steps=len(times)),
+      compile_s=compile_s,
+      mfu=throughput.mfu(flops.total, median, n_devices, peak.flops_per_s),
+      model_tflops_per_step=flops.total / 1e12,
+      attention_tflops_per_step=flops.attention / 1e12,
+      xla_tflops_per_step=float(cost.get('flops', 0.0)) * n_devices / 1e12,
+      peak_tflops_per_device=peak.flops_per_s / 1e12,
+      peak_source=peak.source,
+      params=trainable + sharding.count_params(trainer.frozen),
+      trainable_params=trainable,
+      peak_memory_bytes=dict(compiled=memory(compiled)['total'], measured=_device_peak_bytes()),
+      device_kind=jax.devices()[0].device_kind,
+      num_devices=n_devices,
+      mesh=dict(trainer.mesh.shape),
+      shapes=dict(global_batch=c_data.global_batch, seq_len=c_data.seq_len,
+                  layers=arch.num_layers, embed_dim=arch.embed_dim, vocab_size=arch.vocab_size,
+                  dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                  remat=config.model.remat, attention=config.model.attention,
+                  loss_chunk=config.model.loss_chunk, lora_rank=config.lora.rank),
+  )

@@ -1,0 +1,183 @@
+"""Throughput and an honest MFU: model FLOPs per step, peak FLOP/s per device, the meter.
+
+Model FLOPs per training step (the convention of PaLM, MaxText and Levanter; see
+docs/performance.md for a worked example):
+
+  weights    6 * N * tokens       N = every matmul weight, the LM head included, the embedding
+                                  lookup not (a gather). Forward 2, activation gradient 2,
+                                  weight gradient 2 FLOPs per weight and token.
+  LoRA       4 * N_frozen * tokens + 6 * N_adapters * tokens: a frozen weight's weight-gradient
+                                  matmul is never executed, so it is not counted.
+  attention  12 * pairs * heads * head_dim per layer, where pairs = the (query, key) pairs a
+             causal mask allows, s**2 / 2 per segment of length s (the causal halving), fewer
+             in sliding-window layers; packed rows count each segment separately.
+
+Peak FLOP/s per device come from a table of known chips (dense bf16), or for CPUs and unknown
+devices from a short matmul calibration, and the result says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.models import llama
+
+# Dense bf16 peak FLOP/s per JAX device, matched against `device.device_kind` (first match wins,
+# so longer names come first). TPU v4 and v5p devices are megacore chips (one device per chip).
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ('TPU v6 lite', 918e12),  # v6e (Trillium)
+    ('TPU v6e', 918e12),
+    ('TPU v5 lite', 197e12),  # v5e
+    ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),
+    ('TPU v4', 275e12),
+    ('H200', 989e12),  # SXM, dense (no sparsity)
+    ('H100 PCIe', 756e12),
+    ('H100', 989e12),
+    ('A100', 312e12),
+)
+
+
+def matmul_params(arch: llama.Config) -> int:
+  """Weights that take part in matmuls: attention, MLP and LM head (tied or not)."""
+  d, n, k, h, f = arch.embed_dim, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
+  per_layer = 2 * d * n * h + 2 * d * k * h + 3 * d * f
+  return arch.num_layers * per_layer + arch.vocab_size * d
+
+
+def segment_lengths(segment_ids: np.ndarray) -> np.ndarray:
+  """Segment lengths in `[rows, T]` segment ids (0 = padding; a run of one id = a segment)."""
+  ids = np.asarray(segment_ids)
+  starts = np.ones(ids.shape, bool)
+  starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+  starts &= ids != 0
+  run_id = np.cumsum(starts.ravel())
+  lengths = np.bincount(run_id[ids.ravel() != 0])
+  return lengths[lengths > 0]
+
+
+def causal_pairs(lengths: Sequence[int] | np.ndarray, window: int = 0) -> float:
+  """(query, key) pairs a causal mask keeps: s**2 / 2 per segment; with a window w < s, w**2 / 2
+  for the first w queries and w each after them."""
+  s = np.asarray(lengths, np.float64)
+  if not window:
+    return float(np.sum(s * s / 2))
+  w = np.minimum(s, window)
+  return float(np.sum(w * w / 2 + (s - w) * w))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  weights: float
+  attention: float
+
+  @property
+  def total(self) -> float:
+    return self.weights + self.attention
+
+
+def train_flops(arch: llama.Config, *, tokens: float, lengths: Sequence[int] | np.ndarray,
+                adapter_params: int | None = None) -> StepFlops:
+  """Model FLOPs of one training step over `tokens` tokens in segments of `lengths`.
+
+  `adapter_params`: None for full fine-tuning; the number of LoRA adapter weights otherwise (the
+  base is then frozen).
+  """
+  n = matmul_params(arch)
+  if adapter_params is None:
+    weights = 6.0 * n * tokens
+  else:
+    weights = (4.0 * n + 6.0 * adapter_params) * tokens
+  global_layers = sum(arch.is_global(i) for i in range(arch.num_layers))
+  pairs = global_layers * causal_pairs(lengths)
+  if global_layers < arch.num_layers:
+    pairs += (arch.num_layers - global_layers) * causal_pairs(lengths, arch.sliding_window)
+  attention = 12.0 * pairs * arch.num_heads * arch.head_dim
+  return StepFlops(weights=weights, attention=attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  flops_per_s: float  # per device
+  source: str  # where the figure comes from, said in every report
+
+
+def _calibrate(dtype, size: int = 2048, reps: int = 5) -> float:
+  """Best-of-`reps` FLOP/s of one jitted square matmul on the default device."""
+  a = jnp.ones((size, size), dtype)
+  b = jnp.ones((size, size), dtype)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    start = time.perf_counter()
+    dot(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best
+
+
+_CALIBRATED: dict[str, Peak] = {}
+
+
+def peak(device: jax.Device | None = None, dtype=jnp.bfloat16) -> Peak:
+  """Peak FLOP/s of one device: the table's dense bf16 figure, else a measured matmul rate."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return Peak(flops, f'table: {name} dense bf16')
+  key = f'{kind}/{jnp.dtype(dtype).name}'
+  if key not in _CALIBRATED:
+    measured = _calibrate(dtype)
+    _CALIBRATED[key] = Peak(measured, f'measured: {jnp.dtype(dtype).name} 2048x2048 matmul on '
+                                      f'{device.platform} ({kind}), not a datasheet figure')
+  return _CALIBRATED[key]
+
+
+def mfu(flops_per_step: float, step_s: float, num_devices: int, peak_per_device: float) -> float:
+  return flops_per_step / (step_s * num_devices * peak_per_device)
+
+
+def adapter_params(params) -> int:
+  """LoRA adapter weights that take part in matmuls (a and b; DoRA magnitudes are elementwise)."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return sum(int(np.prod(x.shape)) for path, x in leaves
+             if 'magnitude' not in jax.tree_util.keystr(path))
+
+
+class Meter:
+  """Accumulates a log window's tokens and model FLOPs from each batch's segment ids."""
+
+  def __init__(self, arch: llama.Config, *, num_devices: int, adapter_params: int | None,
+               compute_dtype=jnp.bfloat16):
+    self.arch, self.num_devices, self.adapters = arch, num_devices, adapter_params
+    self.peak = peak(dtype=compute_dtype)
+    self._tokens = self._flops = 0.0
+
+  def add(self, segment_ids: np.ndarray) -> int:
+    """Counts one step's batch (this host's rows); returns this host's real tokens."""
+    lengths = segment_lengths(segment_ids)
+    tokens = int(lengths.sum())
+    hosts = jax.process_count()  # every host has the same shape of rows; count them all
+    self._tokens += tokens * hosts
+    self._flops += train_flops(self.arch, tokens=tokens, lengths=lengths,
+                               adapter_params=self.adapters).total * hosts
+    return tokens
+
+  def report(self, seconds: float, steps: int) -> dict[str, float]:
+    """The window's rates, then a fresh window."""
+    seconds = max(seconds, 1e-9)
+    out = dict(tokens_per_s=self._tokens / seconds,
+               tokens_per_s_per_device=self._tokens / seconds / self.num_devices,
+               step_s=seconds / max(steps, 1),
+               model_tflops_per_step=self._flops / max(steps, 1) / 1e12,
+               mfu=mfu(self._flops, seconds, self.num_devices, self.peak.flops_per_s))
+    self._tokens = self._flops = 0.0
+    return out

@@ -1,0 +1,155 @@
+"""Evaluation during training (loss, perplexity, generation score, samples), W&B, plots, and
+`ftjax generate` on the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from conftest import REPO, write_jsonl
+from ftjax import build, data, evals, generation, plot, train
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_score_functions(tmp_path, monkeypatch):
+  assert evals.score_function('exact_match')(' 12\n', '12') == 1.0
+  assert evals.score_function('exact_match')('13', '12') == 0.0
+  (tmp_path / 'my_scores.py').write_text(
+      'def prefix(prediction, reference):\n  return float(prediction.startswith(reference[:1]))\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert evals.score_function('my_scores:prefix')('19', '12') == 1.0
+  for bad in ('nope', 'my_scores:missing', 'no_such_module:f'):
+    with pytest.raises(ValueError, match='eval.score_fn'):
+      evals.score_function(bad)
+
+
+def test_eval_config_is_checked(small_config, tmp_path):
+  small_config.eval.update(every_steps=3)  # log_every is 2
+  with pytest.raises(train.ConfigError, match='eval.every_steps=3'):
+    train.validate(small_config)
+  small_config.eval.update(every_steps=2, generate_path=str(tmp_path / 'missing.jsonl'))
+  with pytest.raises(train.ConfigError, match='eval.generate_path'):
+    train.validate(small_config)
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """A short run with loss and generation evals, logged to TensorBoard and offline W&B."""
+  from configs import base
+
+  root = tmp_path_factory.mktemp('run')
+  records = [{'prompt': f'{a}+{b}=', 'completion': str(a + b)} for a in range(5) for b in range(5)]
+  path = write_jsonl(root / 'train.jsonl', records)
+  c = base.get_config()
+  c.model.update(vocab_size=259, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=8)
+  c.data.update(path=path, eval_path=path, seq_len=16, global_batch=8, max_eval_examples=10)
+  c.optim.update(lr=3e-3, warmup_steps=2)
+  c.train.update(steps=4, log_every=2, progress=False, wandb_project='ftjax-test')
+  c.eval.update(every_steps=2, generate_path=path, max_new_tokens=3, num_samples=2, batch_size=4)
+  workdir = str(root / 'workdir')
+  os.environ.update(WANDB_MODE='offline', WANDB_SILENT='true')
+  try:
+    summary = train.run(c, workdir)
+  finally:
+    for key in ('WANDB_MODE', 'WANDB_SILENT'):
+      os.environ.pop(key)
+  return workdir, summary, records
+
+
+def test_eval_metrics_and_samples_are_logged(trained_run):
+  workdir, summary, records = trained_run
+  rows = [r for r in _rows(workdir) if 'eval_loss' in r]
+  assert [r['step'] for r in rows] == [0, 2, 4]
+  for r in rows:
+    assert r['eval_perplexity'] == pytest.approx(np.exp(r['eval_loss']), rel=1e-5)
+    assert 0.0 <= r['eval_generation_score'] <= 1.0
+    assert len(r['eval_samples']) == 2
+    assert r['eval_samples'][0]['prompt'] == records[0]['prompt']
+    assert r['eval_samples'][0]['reference'] == records[0]['completion']
+    assert isinstance(r['eval_samples'][0]['completion'], str)
+  events = event_accumulator.EventAccumulator(
+      os.path.join(workdir, 'tensorboard'),
+      size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
+  events.Reload()
+  assert [e.step for e in events.Scalars('eval_generation_score')] == [0, 2, 4]
+  assert [e.step for e in events.Scalars('eval_perplexity')] == [0, 2, 4]
+  text = events.Tensors('eval_samples/text_summary')[-1].tensor_proto.string_val[0].decode()
+  assert '| prompt | completion | reference |' in text and '0+0=' in text
+  offline = [d for d in os.listdir(os.path.join(workdir, 'wandb')) if d.startswith('offline-run')]
+  assert len(offline) == 1, os.listdir(os.path.join(workdir, 'wandb'))
+  assert summary['eval_loss_after'] < summary['eval_loss_before']
+
+
+def test_plot_writes_a_png(trained_run):
+  workdir, _, _ = trained_run
+  out = plot.plot(workdir)
+  with open(out, 'rb') as f:
+    png = f.read()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n'
+  width, height = int.from_bytes(png[16:20], 'big'), int.from_bytes(png[20:24], 'big')
+  assert (width, height) == (800, 600) and len(png) > 10_000
+
+
+def _cli(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, '-m', 'ftjax.main', *args], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_generate_and_plot_commands_from_a_run(trained_run, tmp_path):
+  workdir, _, _ = trained_run
+  out = tmp_path / 'out.jsonl'
+  stdout = _cli('generate', f'--workdir={workdir}', '--prompt', '1+2=', '--prompt', '3+4=',
+                '--max-new-tokens', '5', f'--out={out}')
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['prompt'] for r in rows] == ['1+2=', '3+4=']
+  assert all(len(r['tokens']) <= 5 and r['finish_reason'] in ('stop', 'length') for r in rows)
+  assert f'--- 0\n1+2={rows[0]["completion"]}' in stdout
+  # The Python API from the same checkpoint gives the same tokens.
+  model, tok_spec, mesh, rules = build.for_generation(workdir=workdir)
+  tok = data.formats.cached_tokenizer(tok_spec)
+  prompts = [[tok.bos_id] + tok.encode(p) for p in ('1+2=', '3+4=')]
+  want = generation.complete(model, prompts, stop_ids=[tok.eos_id], mesh=mesh, rules=rules,
+                             max_new_tokens=5)
+  assert [r['tokens'] for r in rows] == [r['tokens'] for r in want]
+  png = tmp_path / 'loss.png'
+  assert f'wrote {png}' in _cli('plot', f'--workdir={workdir}', f'--out={png}')
+  assert png.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_generate_command_from_a_hf_folder_with_sampling(hf_folder, tmp_path):
+  prompts = write_jsonl(tmp_path / 'prompts.jsonl', [
+      {'prompt': '1+1='}, {'messages': [{'role': 'user', 'content': '2+2='}]}])
+  args = ['generate', f'--pretrained={hf_folder}', f'--prompts={prompts}', '--max-new-tokens=6',
+          '--temperature=0.8', '--top-k=20', '--top-p=0.9', '--seed=3', '--out=-']
+  first = [json.loads(line) for line in _cli(*args).splitlines()]
+  assert len(first) == 2 and all(len(r['tokens']) <= 6 for r in first)
+  assert first[1]['messages'][0]['content'] == '2+2='
+  again = [json.loads(line) for line in _cli(*args).splitlines()]
+  assert first == again  # the seed fixes the samples
+
+
+@pytest.mark.slow
+def test_generate_command_on_two_processes_matches_one(trained_run):
+  workdir, _, _ = trained_run
+  args = ['-m', 'ftjax.main', 'generate', f'--workdir={workdir}', '--prompt=1+2=',
+          '--prompt=3+4=', '--prompt=4+4=', '--max-new-tokens=5', '--out=-']
+  one = [json.loads(line) for line in _cli(*args[2:]).splitlines()]
+  result = subprocess.run([sys.executable, f'{REPO}/launch/local.py', '--processes=2',
+                           '--devices-per-process=2', '--timeout=120', '--', sys.executable,
+                           *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith('[0] {')]
+  assert rows == one
+  assert not any(line.startswith('[1] {') for line in result.stdout.splitlines())

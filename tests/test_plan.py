@@ -1,0 +1,71 @@
+"""`ftjax plan`: accelerator-type names, and an ahead-of-time compile for a TPU slice."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from ftjax import plan
+
+
+@pytest.mark.parametrize('name, chip, shape', [
+    ('v5e-8', 'v5e', (2, 4)), ('v5litepod-8', 'v5e', (2, 4)), ('v5e-256', 'v5e', (16, 16)),
+    ('v6e-8', 'v6e', (2, 4)), ('v4-32', 'v4', (2, 2, 4)), ('v5p-64', 'v5p', (2, 4, 4)),
+    ('v5p-8', 'v5p', (2, 2, 1)),
+])
+def test_accelerator_types(name, chip, shape):
+  c, s = plan.parse_topology(name)
+  assert (c.name, s) == (chip, shape)
+
+
+@pytest.mark.parametrize('name', ['v7-8', 'v5e', 'v5e-12', 'h100-8'])
+def test_unknown_topology_is_refused(name):
+  with pytest.raises(plan.PlanError, match='topology'):
+    plan.parse_topology(name)
+
+
+def test_gpu_topology_says_why():
+  with pytest.raises(plan.PlanError, match='CUDA plugin'):
+    plan.parse_topology('h200-8')
+
+
+def _plan(*overrides):
+  env = dict(os.environ, TPU_SKIP_MDS_QUERY='1', TPU_WORKER_HOSTNAMES='localhost',
+             TPU_ACCELERATOR_TYPE='v5litepod-4')
+  out = subprocess.run([sys.executable, '-m', 'ftjax.main', 'plan', '--config',
+                        f'{REPO}/configs/demo.py', '--topology', 'v5e-4', *overrides],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_plan_compiles_for_a_tpu_slice():
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    print("SKIPPED: libtpu is not installed (pip install -e '.[tpu]'); ftjax plan needs it")
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  small = _plan()
+  assert small['device_kind'] == 'TPU v5 lite' and small['num_devices'] == 4
+  assert small['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  b = small['per_device_bytes']
+  assert set(b) >= {'arguments', 'temporaries', 'outputs', 'total'}
+  # Weights + Adam moments, split 4 ways (float32): at least 3 * 4 bytes * params / 4.
+  assert b['arguments'] >= 3 * small['params']
+  assert small['fits'] and small['suggestions'] == [] and small['device_hbm_bytes'] == 16 * 2**30
+  # 16 rows of 16k tokens per chip: the attention scores alone exceed 16 GiB.
+  big = _plan('--config.data.seq_len=16384', '--config.data.global_batch=64')
+  assert not big['fits'] and big['per_device_bytes']['total'] > 16 * 2**30
+  assert any('remat' in s for s in big['suggestions']), big['suggestions']
+
+
+def test_importing_plan_leaves_the_environment_alone():
+  """TPU_* variables would make `ftjax train` subprocesses think they run on a TPU VM."""
+  import importlib
+
+  before = dict(os.environ)
+  importlib.reload(plan)
+  assert dict(os.environ) == before

@@ -1,0 +1,104 @@
+"""Model FLOPs (by hand and against XLA's count), peak FLOP/s, and `ftjax bench`."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ftjax import bench, throughput
+from ftjax.models import llama
+
+# 1 layer, D=4, 2 heads x 2 of 2 dims, 1 kv head, MLP 8, vocab 10.
+SMALL = llama.Config(vocab_size=10, embed_dim=4, num_layers=1, num_heads=2, num_kv_heads=1,
+                     head_dim=2, mlp_dim=8)
+
+
+def test_flops_by_hand():
+  # q,o: 2*4*2*2 = 32; k,v: 2*4*1*2 = 16; mlp: 3*4*8 = 96; head: 10*4 = 40 -> 184.
+  assert throughput.matmul_params(SMALL) == 184
+  # One row packed with segments of 4 and 2 tokens.
+  lengths = throughput.segment_lengths(np.array([[1, 1, 1, 1, 2, 2]]))
+  assert lengths.tolist() == [4, 2]
+  f = throughput.train_flops(SMALL, tokens=6, lengths=lengths)
+  assert f.weights == 6 * 184 * 6
+  assert f.attention == 12 * (4 * 4 / 2 + 2 * 2 / 2) * 2 * 2  # pairs 10, 2 heads x 2 dims
+  # LoRA: frozen weights 4 FLOPs per weight and token, 20 adapter weights 6.
+  assert throughput.train_flops(SMALL, tokens=6, lengths=lengths, adapter_params=20).weights == (
+      (4 * 184 + 6 * 20) * 6)
+  # A sliding window of 4 over a segment of 8: 4*4/2 for the first 4 queries, 4 each after.
+  assert throughput.causal_pairs([8], window=4) == 8 + 4 * 4
+  assert throughput.causal_pairs([8]) == 32
+
+
+def test_segment_lengths_skip_padding():
+  ids = np.array([[1, 1, 2, 0], [3, 3, 3, 3], [0, 0, 0, 0]])
+  assert sorted(throughput.segment_lengths(ids).tolist()) == [1, 2, 4]
+
+
+def test_formula_matches_xla_cost_analysis(small_config):
+  """One layer (XLA counts a scanned loop body once), full attention counted unhalved (XLA
+  computes the whole T x T score matrix, then masks): within 5% of the compiled step's FLOPs;
+  the rest is softmax, norms, rope, the loss and AdamW, which the model-FLOPs convention omits."""
+  c = small_config
+  c.model.update(vocab_size=512, embed_dim=256, mlp_dim=1024, num_layers=1, num_heads=4,
+                 num_kv_heads=2, head_dim=64)
+  c.data.update(seq_len=64, global_batch=4)
+  c.mesh.shape = (1, 1, 1)
+  arch, trainer = bench.trainer_for(c, abstract=True, devices=jax.devices()[:1])
+  batch = {k: jax.ShapeDtypeStruct((4, 64), np.int32, sharding=trainer.batch_sharding)
+           for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
+  compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
+  xla = compiled.cost_analysis()['flops']
+  f = throughput.train_flops(arch, tokens=256, lengths=[64] * 4)
+  ours = f.weights + 2 * f.attention  # undo the causal halving, as XLA does not skip masked work
+  print(f'XLA {xla:.4e} FLOPs vs model FLOPs without causal halving {ours:.4e}: '
+        f'ratio {xla / ours:.4f}')
+  assert 1.0 <= xla / ours < 1.05
+
+
+def test_meter_reports_mfu():
+  meter = throughput.Meter(SMALL, num_devices=2, adapter_params=None)
+  seg = np.ones((3, 6), np.int32)
+  assert meter.add(seg) == 18
+  out = meter.report(seconds=2.0, steps=1)
+  flops = throughput.train_flops(SMALL, tokens=18, lengths=[6, 6, 6]).total
+  assert out['tokens_per_s'] == 9.0 and out['tokens_per_s_per_device'] == 4.5
+  assert out['mfu'] == pytest.approx(flops / (2.0 * 2 * meter.peak.flops_per_s))
+  assert 'measured' in meter.peak.source  # a CPU has no table entry
+  assert meter.report(seconds=1.0, steps=1)['tokens_per_s'] == 0.0  # a fresh window
+
+
+def test_peak_table_names_known_chips():
+  class Fake:
+    device_kind, platform = 'TPU v5 lite', 'tpu'
+
+  p = throughput.peak(Fake())
+  assert p.flops_per_s == 197e12 and p.source.startswith('table')
+
+
+def _bench_cli(*overrides):
+  out = subprocess.run(
+      [sys.executable, '-m', 'ftjax.main', 'bench', '--config', f'{REPO}/configs/demo.py',
+       '--steps', '3', *overrides],
+      capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_cli_full_and_lora():
+  full = _bench_cli()
+  for key in ('tokens_per_s', 'tokens_per_s_per_device', 'compile_s', 'mfu',
+              'model_tflops_per_step', 'params', 'trainable_params', 'device_kind', 'mesh'):
+    assert key in full, key
+  assert full['step_s']['steps'] == 3 and 0 < full['step_s']['median'] <= full['step_s']['p90']
+  assert full['params'] == full['trainable_params'] > 0
+  assert 0 < full['mfu'] < 1.5 and full['peak_memory_bytes']['compiled'] > 0
+  assert full['tokens_per_s'] == pytest.approx(64 * 16 / full['step_s']['median'])
+  lora = _bench_cli('--config.lora.rank=4')
+  assert lora['trainable_params'] < lora['params'] == full['params'] + lora['trainable_params']
+  # Frozen weights skip their weight-gradient matmuls: fewer model FLOPs than full training.
+  assert lora['model_tflops_per_step'] < full['model_tflops_per_step']
