@@ -12,11 +12,13 @@ from conftest import REPO
 
 
 def test_demo_accuracy_rises(tmp_path):
-  # The demo shortened to 600 steps (the full one runs 1000) on one CPU device.
+  # The demo as shipped (1000 steps) on one CPU device. Its learning curve turns sharply
+  # somewhere after step 500, and where exactly moves with the CPU's floating-point rounding
+  # (a 600-step run gave 0.88 on one machine and 0.10 on another), so the test runs all of it:
+  # seeds 0/1/2 end at 0.98/0.93/0.85 here.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   cmd = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-         f'--workdir={tmp_path}', '--config.train.steps=600', '--config.eval.every_steps=300',
-         '--config.train.progress=False']
+         f'--workdir={tmp_path}', '--config.train.progress=False']
   result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   match = re.search(r'^held-out accuracy: before (\d\.\d\d) -> after (\d\.\d\d) \(n=200\)$',
@@ -26,7 +28,7 @@ def test_demo_accuracy_rises(tmp_path):
   assert before < 0.05 and after > 0.5
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = [r for r in rows if 'eval_accuracy' in r]
-  assert [r['step'] for r in evals] == [0, 300, 600]
+  assert [r['step'] for r in evals] == [0, 250, 500, 750, 1000]
   assert abs(evals[-1]['eval_accuracy'] - after) <= 0.005
   assert evals[-1]['eval_loss'] < 0.25 * evals[0]['eval_loss']
 
