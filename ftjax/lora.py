@@ -134,16 +134,16 @@ class LoRAEinsum(nnx.Module):
       norm = jax.lax.stop_gradient(self._column_norm(weight))
       factor = (self.magnitude.get_value().astype(jnp.float32) / norm).astype(dtype)
       if x_lora is x:
-        y = jnp.einsum(self.base.eqn, x, weight.astype(dtype))
+        y = layers.project(self.base.eqn, x, weight.astype(dtype))
       else:  # as PEFT: the base on the clean input, the adapter on the dropped-out one
-        y = (jnp.einsum(self.base.eqn, x, self._base_weight().astype(dtype))
-             + jnp.einsum(self.base.eqn, x_lora, self.delta().astype(dtype)))
+        y = (layers.project(self.base.eqn, x, self._base_weight().astype(dtype))
+             + layers.project(self.base.eqn, x_lora, self.delta().astype(dtype)))
       return y * factor.reshape((1,) * (y.ndim - factor.ndim) + factor.shape)
     y = self.base(x)
-    xa = jnp.einsum(f'{self.x_letters},{self.in_letters}R->'
+    xa = layers.project(f'{self.x_letters},{self.in_letters}R->'
                     f'{"".join(c for c in self.x_letters if c not in self.in_letters)}R',
                     x_lora, self.a.get_value().astype(dtype))
-    return y + self.scale * jnp.einsum(
+    return y + self.scale * layers.project(
         f'{"".join(c for c in self.x_letters if c not in self.in_letters)}R,'
         f'R{self.out_letters}->{self.y_letters}', xa, self.b.get_value().astype(dtype))
 

@@ -58,7 +58,7 @@ class QuantizedEinsum(nnx.Module):
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     del key
-    return jnp.einsum(self.eqn, x.astype(self.dtype), self.weight().astype(self.dtype))
+    return layers.project(self.eqn, x.astype(self.dtype), self.weight().astype(self.dtype))
 
 
 def apply(model: nnx.Module, kind: str, *, block: int = 64) -> list[str]:

@@ -52,7 +52,31 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     del key  # no dropout in a plain projection; adapters wrapping it use the key
-    return jnp.einsum(self.eqn, x.astype(self.dtype), self.w.get_value().astype(self.dtype))
+    return project(self.eqn, x.astype(self.dtype), self.w.get_value().astype(self.dtype))
+
+
+def project(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`jnp.einsum(eqn, x, w)` for a projection `BT<in>,<w>->BT<out>` (`<w>` = `<in><out>` or
+  `<out><in>`).
+
+  On CPU it runs as one 2-D matmul `[B*T, in] @ [in, out]`: XLA:CPU executes that about 1.3x
+  faster in a train step than the same contraction as a multi-axis dot (the weight gradient
+  contracts two axes, B and T). TPU and GPU compilers get the einsum, which they handle natively
+  and which keeps every axis visible to the sharding propagation.
+  """
+  ins, out = eqn.split('->')
+  xs, ws = ins.split(',')
+  if sharding.platform() != 'cpu' or xs[:2] != out[:2] or x.ndim != len(xs):
+    return jnp.einsum(eqn, x, w)
+  n_in = len(xs) - 2
+  if ws == xs[2:] + out[2:]:
+    w2 = w.reshape(math.prod(w.shape[:n_in]), -1)
+  elif ws == out[2:] + xs[2:]:
+    w2 = w.reshape(-1, math.prod(w.shape[len(ws) - n_in:])).T
+  else:
+    return jnp.einsum(eqn, x, w)
+  y = x.reshape(math.prod(x.shape[:2]), -1) @ w2
+  return y.reshape(*x.shape[:2], *(w.shape[ws.index(c)] for c in out[2:]))
 
 
 class RMSNorm(nnx.Module):

@@ -362,7 +362,7 @@ class Llama(nnx.Module):
     """The LM head over final-norm hidden states (tied or not, soft-capped if the family does)."""
     cfg = self.cfg
     if cfg.tie_embeddings:
-      logits = jnp.einsum('BTD,VD->BTV', x, self.embed.get_value().astype(self.dtype))
+      logits = layers.project('BTD,VD->BTV', x, self.embed.get_value().astype(self.dtype))
     else:
       logits = self.lm_head(x)
     if cfg.final_softcap:
