@@ -42,18 +42,12 @@ def target_regex(targets: str | list[str] | tuple[str, ...]) -> str:
   return targets
 
 
-def _split_eqn(eqn: str) -> tuple[str, str, str]:
-  ins, out = eqn.split('->')
-  x, w = ins.split(',')
-  return x, w, out
-
-
 class LoRAEinsum(nnx.Module):
   """`base(x) + scale * (x a) b`, or DoRA's magnitude-normalised version of the same."""
 
   def __init__(self, base: layers.Einsum, *, rank: int, alpha: float, use_rslora: bool,
                use_dora: bool, rngs: nnx.Rngs, dropout: float = 0.0):
-    x, w, out = _split_eqn(base.eqn)
+    x, w, out = layers.split_eqn(base.eqn)
     quantized = not isinstance(base, layers.Einsum)  # a quantize.QuantizedEinsum (QLoRA)
     kernel = base.q if quantized else base.w
     names = tuple(kernel.get_metadata().get('out_sharding') or (None,) * kernel.ndim)

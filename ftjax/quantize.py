@@ -26,7 +26,7 @@ class QuantizedEinsum(nnx.Module):
   """`Einsum` with an integer weight, dequantized as `q * scale` per block in the matmul."""
 
   def __init__(self, base: layers.Einsum, *, bits: int, block: int):
-    x, w_letters = base.eqn.split('->')[0].split(',')
+    x, w_letters, _ = layers.split_eqn(base.eqn)
     weight = base.w.get_value()
     names = tuple(base.w.get_metadata().get('out_sharding') or (None,) * weight.ndim)
     self.eqn, self.dtype = base.eqn, base.dtype
@@ -51,7 +51,7 @@ class QuantizedEinsum(nnx.Module):
   def weight(self) -> jax.Array:
     """The dequantized weight (float32), stacked or per layer as currently held."""
     q = self.q.get_value()
-    lead = q.ndim - (len(self.eqn.split('->')[0].split(',')[1]))
+    lead = q.ndim - len(layers.split_eqn(self.eqn)[1])
     blocked = self._blocked(q.astype(jnp.float32), lead)
     scale = jnp.expand_dims(self.scale.get_value(), lead + self.axis + 1)
     return (blocked * scale).reshape(q.shape)

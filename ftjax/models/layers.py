@@ -55,6 +55,13 @@ class Einsum(nnx.Module):
     return project(self.eqn, x.astype(self.dtype), self.w.get_value().astype(self.dtype))
 
 
+def split_eqn(eqn: str) -> tuple[str, str, str]:
+  """'BTD,DF->BTF' -> ('BTD', 'DF', 'BTF'): the input's, the weight's and the output's axes."""
+  ins, out = eqn.split('->')
+  x, w = ins.split(',')
+  return x, w, out
+
+
 def project(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
   """`jnp.einsum(eqn, x, w)` for a projection `BT<in>,<w>->BT<out>` (`<w>` = `<in><out>` or
   `<out><in>`).
@@ -64,8 +71,7 @@ def project(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
   contracts two axes, B and T). TPU and GPU compilers get the einsum, which they handle natively
   and which keeps every axis visible to the sharding propagation.
   """
-  ins, out = eqn.split('->')
-  xs, ws = ins.split(',')
+  xs, ws, out = split_eqn(eqn)
   if sharding.platform() != 'cpu' or xs[:2] != out[:2] or x.ndim != len(xs):
     return jnp.einsum(eqn, x, w)
   n_in = len(xs) - 2
