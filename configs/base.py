@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
       seed=0,
       progress=True,  # progress bar on process 0
       stop_at_step=0,  # > 0: after this step save and exit 75 as a preemption would
+      nan_policy='stop',  # non-finite loss/grad norm: stop (nothing saved after it) | skip_step
       wandb_project='',  # '' = no Weights & Biases; else log there too (WANDB_MODE=offline works)
   )
   c.eval = dict(
@@ -98,5 +99,6 @@ def get_config() -> ml_collections.ConfigDict:
       keep_period=0,  # > 0: also keep every checkpoint whose step is a multiple of this
       resume='auto',  # auto (latest in workdir) | never | a checkpoints folder or step folder
       async_save=True,  # the loop blocks only for the device-to-host copy
+      overwrite=False,  # True: replace the checkpoints and metrics already in the workdir
   )
   return c

@@ -13,7 +13,12 @@ import jax
 from flax import nnx
 
 from ftjax import checkpoint, lora, pretrained, quantize, sharding, tokenizer
+from ftjax.errors import UserError
 from ftjax.models import llama
+
+
+class RunDirError(UserError):
+  """A run directory's config.json is missing or damaged."""
 
 
 def model(arch: llama.Config, *, model_options: dict[str, Any], mesh: jax.sharding.Mesh,
@@ -75,8 +80,15 @@ def read_run(workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{workdir!r} holds no config.json: not an ftjax run directory')
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      run = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RunDirError(f'{path}: not a readable ftjax config.json ({e}); it is written by '
+                      '`ftjax train` and should not be edited') from None
+  if not isinstance(run, dict) or 'resolved_model' not in run:
+    raise RunDirError(f'{path}: not an ftjax config.json (no "resolved_model" key)')
+  return run
 
 
 def run_lora_options(run: dict[str, Any]) -> dict[str, Any] | None:

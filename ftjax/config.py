@@ -14,12 +14,13 @@ from typing import Any
 import ml_collections
 
 from ftjax import data, evals, models, pretrained, quantize, tokenizer, weights
+from ftjax.errors import UserError
 from ftjax.models import llama
 
 DTYPES = pretrained.DTYPES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config value is invalid; the message names the key."""
 
 
@@ -92,10 +93,13 @@ def validate(config: ml_collections.ConfigDict, need_data: bool = True) -> llama
       'data.train_on': (config.data.train_on, ('assistant', 'completion', 'all')),
       'data.on_bad_record': (config.data.on_bad_record, ('error', 'skip')),
       'data.on_too_long': (config.data.on_too_long, ('truncate', 'skip', 'error')),
+      'train.nan_policy': (config.train.nan_policy, ('stop', 'skip_step')),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'{key}={value!r} is not one of {allowed}')
+  if not config.optim.lr >= 0:  # also refuses NaN; 0 is how pipelines are checked end to end
+    raise ConfigError(f'optim.lr={config.optim.lr} must be >= 0')
   if config.lora.rank < 0:
     raise ConfigError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning)')
   if not 0.0 <= config.lora.dropout < 1.0:

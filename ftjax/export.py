@@ -1,8 +1,15 @@
-"""`ftjax export`: a run's checkpoint as a Hugging Face model folder or a PEFT adapter folder."""
+"""`ftjax export`: a run's checkpoint as a Hugging Face model folder or a PEFT adapter folder.
+
+An export never destroys its inputs and never leaves a half-written folder: it refuses an `--out`
+that holds (or is) the run, its base model, adapter or tokenizer, refuses a non-empty `--out`
+without `overwrite`, writes into a temporary sibling folder and renames it into place last.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Any
 
 import jax
 from flax import nnx
@@ -12,14 +19,54 @@ from ftjax import build, lora, tokenizer, weights
 FORMATS = ('hf', 'peft')
 
 
+class ExportError(ValueError):
+  """An export that would overwrite or destroy something; the message says what."""
+
+
+def _within(path: str, folder: str) -> bool:
+  return os.path.commonpath([path, folder]) == folder
+
+
+def check_out(workdir: str, out_dir: str, run: dict[str, Any], *, overwrite: bool) -> None:
+  """Raises `ExportError` unless writing the export of `run` to `out_dir` is safe.
+
+  Paths are compared as real paths (symlinks resolved). The run's inputs are refused even with
+  `overwrite`: replacing a folder that is or holds one of them would delete what the export
+  reads. Folders inside the run directory are fine, except under its checkpoints (Orbax owns
+  that folder and may delete what it does not recognise).
+  """
+  out = os.path.realpath(out_dir)
+  inputs = [('the run directory', '--workdir', workdir),
+            ("the run's base model folder", 'model.pretrained', run['model']['pretrained']),
+            ("the run's PEFT adapter folder", 'lora.adapter', run['lora'].get('adapter', '')),
+            ("the run's tokenizer folder", 'data.tokenizer', run['data']['tokenizer'])]
+  for what, key, path in inputs:
+    if not path or not os.path.exists(path):  # e.g. no adapter, or the byte tokenizer
+      continue
+    real = os.path.realpath(path)
+    if _within(real, out):
+      verb = 'is' if real == out else 'contains'
+      raise ExportError(f'--out={out_dir} {verb} {what} ({key}={path}); choose another folder '
+                        '(--overwrite never replaces an input of the run)')
+  checkpoints = os.path.realpath(os.path.join(workdir, 'checkpoints'))
+  if _within(out, checkpoints):
+    raise ExportError(f'--out={out_dir} is inside the run\'s checkpoints ({checkpoints}); '
+                      'choose another folder')
+  if os.path.lexists(out_dir) and not overwrite and (
+      not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise ExportError(f'--out={out_dir} is not empty; pass --overwrite to replace it')
+
+
 def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat16',
-           step: int | None = None) -> str:
+           step: int | None = None, overwrite: bool = False) -> str:
   """Writes the run in `workdir` (its latest or `step` checkpoint); returns `out_dir`.
 
   `hf`: a full model folder (a LoRA run's adapters merged into the base). `peft`: only the
   adapters, as `adapter_config.json` + `adapter_model.safetensors` for `peft.PeftModel`. The
   model is rebuilt exactly as the run built it (same base, same adapters), restored straight
-  into a fully sharded layout, and gathered one tensor at a time.
+  into a fully sharded layout, and gathered one tensor at a time. Every process calls this
+  (the gathers are collective); process 0 writes. `overwrite` replaces a non-empty `out_dir`,
+  and only once the new folder is complete. Raises `ExportError` (see `check_out`).
   """
   if fmt not in FORMATS:
     raise ValueError(f'--format={fmt!r}; expected one of {FORMATS}')
@@ -28,16 +75,57 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   if fmt == 'peft' and lora_options is None:
     raise ValueError(f'{workdir} is a full fine-tuning run (lora.rank=0): export it with '
                      '--format hf')
+  check_out(workdir, out_dir, run, overwrite=overwrite)
+  # With a symlinked --out, the folder it points to is replaced, not the link.
+  final = os.path.realpath(out_dir)
+  # A sibling, so the closing rename stays on one filesystem (atomic). Only process 0 writes
+  # files, so the name need not agree across processes.
+  partial = f'{final}.partial-{os.getpid()}'
+  writer = jax.process_index() == 0
+  if writer:
+    shutil.rmtree(partial, ignore_errors=True)  # a crashed export's leftovers with our pid
+  try:
+    _write(workdir, run, partial, fmt=fmt, dtype=dtype, step=step,
+           merge=lora_options is not None)
+  except BaseException:
+    if writer:
+      shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if writer:
+    _replace(partial, final)
+  return out_dir
+
+
+def _write(workdir: str, run: dict[str, Any], out_dir: str, *, fmt: str, dtype: str,
+           step: int | None, merge: bool) -> None:
   module = build.from_run(workdir, run, step=step)
   base = run['model']['pretrained']
   if fmt == 'peft':
     lora.save_peft(module, out_dir, base_model=base)
-    return out_dir
-  if lora_options:
+    return
+  if merge:
     lora.merge(module)
   source = build.run_tokenizer(run)
   folder = source if os.path.isdir(source) else None
   weights.save(nnx.state(module, nnx.Param), module.cfg, out_dir, dtype=dtype, tokenizer_dir=folder)
   if folder is None and jax.process_index() == 0:
     tokenizer.load(source).save(out_dir)
-  return out_dir
+
+
+def _replace(partial: str, final: str) -> None:
+  """Moves the finished `partial` folder to `final`; an old `final` goes only after that."""
+  if not os.path.lexists(final):
+    os.rename(partial, final)
+    return
+  # rename(2) replaces only an empty directory, so the old folder steps aside first.
+  old = f'{final}.old-{os.getpid()}'
+  os.rename(final, old)
+  try:
+    os.rename(partial, final)
+  except BaseException:
+    os.rename(old, final)
+    raise
+  if os.path.isdir(old) and not os.path.islink(old):
+    shutil.rmtree(old)
+  else:
+    os.remove(old)

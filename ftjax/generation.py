@@ -1,12 +1,17 @@
 """Sampling with a KV cache: prefill the prompt once, then one token per step in one jitted loop.
 
 Prompts are padded to a length bucket (a power of two) so prompts of different lengths reuse
-one compiled program; the batch is padded to a multiple of the mesh's batch shards.
+one compiled program; the batch is padded to a multiple of the mesh's batch shards. The checks
+(`check_sampling`, `check_cache_fits`, `check_finite`) refuse what would sample nonsense or run
+out of memory, with a `GenerationError` that says which setting to change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int
 
 from ftjax import sharding
@@ -25,6 +31,137 @@ MIN_BUCKET = 16
 def bucket(length: int) -> int:
   """The padded prompt length a prompt of `length` tokens compiles for."""
   return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+class GenerationError(ValueError):
+  """Generation settings or weights that cannot give meaningful tokens; the message says why."""
+
+
+def _name(name: str, flag_names: bool) -> str:
+  return '--' + name.replace('_', '-') if flag_names else name
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None, batch_size: int = 1,
+                   flag_names: bool = False) -> None:
+  """Raises `GenerationError` for sampling settings that make no sense.
+
+  `top_k` None or 0 and `top_p` None or 1 mean no filtering. `flag_names` spells the settings
+  as `ftjax generate` flags (`--top-p`) in the message, else as keyword arguments (`top_p`).
+  """
+  def refuse(name, value, rule):
+    raise GenerationError(f'{_name(name, flag_names)}={value} must be {rule}')
+
+  if not (math.isfinite(temperature) and temperature >= 0):  # inf would sample uniformly
+    refuse('temperature', temperature, 'a finite number >= 0 (0 = greedy)')
+  if batch_size < 1:
+    refuse('batch_size', batch_size, '>= 1')
+  if max_new_tokens < 1:
+    refuse('max_new_tokens', max_new_tokens, '>= 1')
+  if top_p is not None and not 0 < top_p <= 1:
+    refuse('top_p', top_p, 'in (0, 1] (1 = no nucleus filtering)')
+  if top_k is not None and top_k < 0:
+    refuse('top_k', top_k, '>= 0 (0 = all tokens)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """Free memory the KV cache would go into."""
+
+  free: int  # bytes
+  per_device: bool  # one device's memory (it holds one batch shard), else host memory (all)
+  what: str
+
+
+def _host_available_bytes() -> int | None:
+  try:  # Linux: what can be allocated without swapping, page cache included
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
+def memory_available() -> Memory | None:
+  """Free memory of the first local device, or of the host for CPU devices; None if unknown."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats()
+  if stats and 'bytes_limit' in stats:
+    return Memory(free=int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0)),
+                  per_device=True, what=f'{device.platform} device memory')
+  if device.platform == 'cpu':  # CPU "devices" all live in host memory, which has no stats
+    host = _host_available_bytes()
+    if host is not None:
+      return Memory(free=host, per_device=False, what='available host memory')
+  return None
+
+
+def cache_bytes(cfg: llama.Config, *, batch: int, prompt_length: int, max_new_tokens: int,
+                dtype: Any) -> int:
+  """Bytes of the keys and values `generate` allocates for `batch` rows (all batch shards)."""
+  length = bucket(prompt_length) + max_new_tokens
+  return (2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim
+          * jnp.dtype(dtype).itemsize)
+
+
+def check_cache_fits(cfg: llama.Config, *, batch: int, prompt_length: int, max_new_tokens: int,
+                     dtype: Any, batch_shards: int = 1, memory: Memory | None = None,
+                     flag_names: bool = False) -> None:
+  """Raises `GenerationError` if the KV cache alone cannot fit in memory.
+
+  `batch` is the rows of one `generate` call, padded to `batch_shards` as `generate` pads them;
+  on a device with memory statistics only its shard counts. `memory` defaults to
+  `memory_available()`; when that is unknown, nothing is checked. Weights and activations come
+  on top of the cache, so passing is no promise that generation fits.
+  """
+  memory = memory if memory is not None else memory_available()
+  if memory is None:
+    return
+  rows = -(-batch // batch_shards) * batch_shards
+  total = cache_bytes(cfg, batch=rows, prompt_length=prompt_length,
+                      max_new_tokens=max_new_tokens, dtype=dtype)
+  needed = -(-total // batch_shards) if memory.per_device else total
+  if needed > memory.free:
+    where = f'{needed / 2**30:.1f} GiB per device' if memory.per_device else (
+        f'{needed / 2**30:.1f} GiB')
+    raise GenerationError(
+        f'the KV cache for {rows} rows of {bucket(prompt_length) + max_new_tokens} positions '
+        f'(prompt bucket {bucket(prompt_length)} + {_name("max_new_tokens", flag_names)} '
+        f'{max_new_tokens}, {jnp.dtype(dtype).name}) needs {where}, but only '
+        f'{memory.free / 2**30:.1f} GiB of {memory.what} is free: lower '
+        f'{_name("max_new_tokens", flag_names)} or {_name("batch_size", flag_names)}')
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def check_finite(model: nnx.Module, source: str) -> None:
+  """Raises `GenerationError` naming `source` if any floating-point weight is NaN or inf.
+
+  One jitted reduction over every parameter (adapters included); integer (quantized) weights
+  cannot hold either, and their float scales are checked.
+  """
+  names, values = [], []
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    value = var.get_value()
+    if jnp.issubdtype(value.dtype, jnp.inexact):
+      names.append('.'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)))
+      values.append(value)
+  # Gathered, not fetched: with several processes the flags may span devices of other hosts.
+  finite = multihost_utils.process_allgather(_all_finite(values), tiled=True)
+  bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
+  if bad:
+    shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
+    raise GenerationError(f'the weights of {source} contain NaN or inf (in {shown}): the '
+                          'tokens would be garbage; check the checkpoint or the run that made it')
 
 
 def sample(logits: Float[Array, 'B V'], key: jax.Array, *, temperature: float,
@@ -123,8 +260,7 @@ def generate(model: llama.Llama, input_ids: Any, max_new_tokens: int = 32, tempe
   mask = np.ones_like(ids) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
   if not mask.any(axis=1).all():
     raise ValueError('every prompt needs at least one token')
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
+  check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
   batch, length = ids.shape
   shards = sharding.batch_shards(mesh, rules) if mesh is not None else 1
   rows = -(-batch // shards) * shards
@@ -162,6 +298,8 @@ def complete(model: llama.Llama, prompts: list[list[int]], *, batch_size: int = 
   prompt `tokens` (cut before the first stop id), `finish_reason` ('stop' or 'length') and,
   with `decode` (ids -> text), `completion`.
   """
+  if batch_size < 1:  # `generate` checks the sampling settings
+    raise GenerationError(f'batch_size={batch_size} must be >= 1')
   results = []
   batch_size = min(batch_size, len(prompts))
   for first in range(0, len(prompts), batch_size):

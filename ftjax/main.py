@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import runpy
 import sys
@@ -31,6 +32,8 @@ _JOIN_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout', None, 'seconds to wait for every process to join (default 300).')
 _FORMAT = flags.DEFINE_enum('format', 'hf', ['hf', 'peft'],
                             'export: hf (full model; LoRA merged) or peft (adapter folder).')
+_OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'export: replace a non-empty --out folder '
+                                  '(never the run, its base model, adapter or tokenizer).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
                            'export: dtype of the written weights (default bfloat16); generate: '
                            'compute dtype (default float32 on CPU, else bfloat16).')
@@ -74,23 +77,50 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _config_path(argv: list[str]) -> str | None:
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path is None and '--config' in argv[:-1]:
+    path = argv[argv.index('--config') + 1]
+  return path
+
+
+def _check_config_file(argv: list[str]) -> None:
+  """A missing or unparsable `--config` file, named in one line before absl loads it."""
+  path = _config_path(argv)
+  if not path:
+    return
+  file = path.partition(':')[0]
+  if not os.path.isfile(file):
+    _fail(f'--config={path!r}: file not found')
+  try:
+    with open(file, encoding='utf-8') as f:
+      compile(f.read(), file, 'exec')
+  except SyntaxError as e:
+    _fail(f'{file}:{e.lineno}: {e.msg} (a syntax error in the config file)')
+  except (OSError, UnicodeDecodeError) as e:
+    _fail(f'--config={path!r}: cannot read it ({e})')
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with config errors reported in one line naming the key."""
+  _check_config_file(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e))
+    _fail(str(e).splitlines()[0])
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections raises these from deep inside flag parsing for a bad override.
     _fail(_explain_override_error(argv) or f'invalid config override: {e!r}')
+  except Exception as e:  # noqa: BLE001 (the config file's own code failed: NameError, ...)
+    cause = e.__cause__ or e
+    _fail(f'--config={_config_path(argv)!r} failed to load: {type(cause).__name__}: '
+          f'{str(cause).splitlines()[0] if str(cause) else ""}')
   return []
 
 
 def _explain_override_error(argv: list[str]) -> str | None:
   """Names the first `--config.<key>` override whose key the config file does not define."""
-  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if path is None and '--config' in argv[:-1]:
-    path = argv[argv.index('--config') + 1]
+  path = _config_path(argv)
   if path is None:
     return None
   file, _, arg = path.partition(':')
@@ -123,7 +153,7 @@ def _join() -> None:
 
 def _train(argv: list[str]) -> None:
   _join()
-  from ftjax import checkpoint, data, train, weights  # import jax only once flags are parsed
+  from ftjax import train  # import jax only once flags are parsed
 
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}')
@@ -133,9 +163,9 @@ def _train(argv: list[str]) -> None:
     _fail('--workdir is required: the directory for metrics, TensorBoard and config.json')
   try:
     summary = train.run(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, data.DataError, weights.CheckpointError,
-          checkpoint.CheckpointError) as e:
-    _fail(str(e))
+  except train.NonFiniteError as e:
+    print(f'ftjax: error: {e}', file=sys.stderr)
+    sys.exit(1)
   if summary['preempted_at'] is not None:
     sys.exit(train.EXIT_RESTART)
 
@@ -148,12 +178,12 @@ def _export(argv: list[str]) -> None:
     _fail(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value or not _OUT.value:
     _fail('usage: ftjax export --workdir RUN --out DIR [--format hf|peft] '
-          '[--dtype bfloat16|float32]')
+          '[--dtype bfloat16|float32] [--overwrite]')
   if not os.path.isfile(os.path.join(_WORKDIR.value, 'config.json')):
     _fail(f'--workdir={_WORKDIR.value!r} holds no config.json: not an ftjax run directory')
   try:
     out = export.export(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value,
-                        dtype=_DTYPE.value or 'bfloat16')
+                        dtype=_DTYPE.value or 'bfloat16', overwrite=_OVERWRITE.value)
   except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
   print(f'exported {_WORKDIR.value} -> {out}')
@@ -235,7 +265,8 @@ def _generate(argv: list[str]) -> None:
 
   import jax
 
-  from ftjax import build, data, generation, weights
+  from ftjax import build, data, generation, sharding, weights
+  from ftjax.models import llama
 
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}')
@@ -244,12 +275,25 @@ def _generate(argv: list[str]) -> None:
           '--prompts FILE.jsonl] [--max-new-tokens N] [--temperature T]')
   if _ADAPTER.value and not _PRETRAINED.value:
     _fail('--adapter needs --pretrained (the base the adapter was trained on)')
+  try:
+    generation.check_sampling(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                              top_k=_TOP_K.value, top_p=_TOP_P.value,
+                              batch_size=_BATCH_SIZE.value, flag_names=True)
+  except generation.GenerationError as e:
+    _fail(str(e))
   records = _read_prompts()
   dtype = _DTYPE.value or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  # Architecture, tokenizer and prompts first (cheap), so the KV cache is checked before any
+  # weight is read. The rules are the ones `build.for_generation` lays the model out by.
   try:
-    model, tok_spec, mesh, rules = build.for_generation(
-        pretrained_path=_PRETRAINED.value or '', adapter=_ADAPTER.value or '',
-        workdir=_WORKDIR.value or '', dtype=build.pretrained.DTYPES[dtype])
+    if _WORKDIR.value:
+      run = build.read_run(_WORKDIR.value)
+      arch, tok_spec = llama.Config(**run['resolved_model']), build.run_tokenizer(run)
+      rules_name, source = run['mesh']['rules'], f'--workdir={_WORKDIR.value}'
+    else:
+      arch, tok_spec = build.pretrained.read_config(_PRETRAINED.value), _PRETRAINED.value
+      rules_name, source = 'fsdp_tp', f'--pretrained={_PRETRAINED.value}'
+      source += f' with --adapter={_ADAPTER.value}' if _ADAPTER.value else ''
     tok = data.formats.cached_tokenizer(tok_spec)
   except (FileNotFoundError, ValueError, weights.CheckpointError) as e:
     _fail(str(e))
@@ -264,6 +308,19 @@ def _generate(argv: list[str]) -> None:
     if len(ids) != 1:
       _fail(f'--stop={text!r} is {len(ids)} tokens; a stop must be a single token')
     stop_ids += ids
+  mesh = sharding.make_mesh((1, -1, 1))
+  try:
+    generation.check_cache_fits(
+        arch, batch=min(_BATCH_SIZE.value, len(prompts)),
+        prompt_length=max(len(p) for p in prompts), max_new_tokens=_MAX_NEW.value,
+        dtype=build.pretrained.DTYPES[dtype], flag_names=True,
+        batch_shards=sharding.batch_shards(mesh, sharding.get_rules(rules_name)))
+    model, _, mesh, rules = build.for_generation(
+        pretrained_path=_PRETRAINED.value or '', adapter=_ADAPTER.value or '',
+        workdir=_WORKDIR.value or '', dtype=build.pretrained.DTYPES[dtype], mesh=mesh)
+    generation.check_finite(model, source)
+  except (FileNotFoundError, ValueError, weights.CheckpointError) as e:
+    _fail(str(e))
   start = time.perf_counter()
   results = generation.complete(
       model, [list(p) for p in prompts], batch_size=_BATCH_SIZE.value, stop_ids=stop_ids,
@@ -344,7 +401,27 @@ def main() -> None:
 
     sys.exit(launch.main(sys.argv[1:]))
   logging.set_verbosity(logging.WARNING)
-  app.run(COMMANDS[command], argv=[f'ftjax {command}', *sys.argv[1:]], flags_parser=_parse_flags)
+  app.run(functools.partial(_guarded, COMMANDS[command]),
+          argv=[f'ftjax {command}', *sys.argv[1:]], flags_parser=_parse_flags)
+
+
+def _describe(e: BaseException) -> str:
+  """One line for an error in what the user gave us (a file, a folder, a value)."""
+  if isinstance(e, UnicodeDecodeError):
+    return f'not valid UTF-8 ({e.reason} at byte {e.start})'
+  if isinstance(e, OSError) and e.filename:
+    return f'{e.filename}: {e.strerror or e}'
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _guarded(command, argv: list[str]) -> None:
+  """Runs a command; user errors (by type: ours, files, bytes) end as one line and exit 2."""
+  from ftjax.errors import UserError
+
+  try:
+    command(argv)
+  except (UserError, OSError, UnicodeDecodeError) as e:
+    _fail(_describe(e))
 
 
 if __name__ == '__main__':

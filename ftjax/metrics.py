@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -18,6 +19,38 @@ def _plain(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/inf; keep them visible as strings
   return value
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl; a torn line (a writer killed mid-line) is skipped, with a
+  warning naming it."""
+  rows = []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning('%s:%d: ignoring a torn or malformed line', path, lineno)
+        continue
+      if isinstance(row, dict) and isinstance(row.get('step'), int):
+        rows.append(row)
+  return rows
+
+
+def _end_torn_line(path: str) -> None:
+  """Starts appends on a fresh line when the last one was cut off (its fragment stays, and
+  readers skip it)."""
+  if not os.path.isfile(path) or not os.path.getsize(path):
+    return
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    torn = f.read(1) != b'\n'
+  if torn:
+    logging.warning('%s: the last line was cut off (a killed run); it is ignored', path)
+    with open(path, 'ab') as f:
+      f.write(b'\n')
 
 
 class Writer:
@@ -36,6 +69,7 @@ class Writer:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    _end_torn_line(self.path)
     self._jsonl = open(self.path, 'a', encoding='utf-8')  # noqa: SIM115 (closed in close())
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     if wandb_project:

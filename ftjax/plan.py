@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from ftjax import bench, sharding
+from ftjax.errors import UserError
 
 # libtpu on a machine without TPUs: no metadata-server lookups and no exclusive lock (a
 # libtpu-enabled process started next to this one must not block it). Set only in the process
@@ -28,7 +29,7 @@ from ftjax import bench, sharding
 _LIBTPU_ENV = (('TPU_SKIP_MDS_QUERY', '1'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'))
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
   """The topology cannot be planned for (unknown name, no libtpu)."""
 
 

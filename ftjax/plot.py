@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from ftjax import metrics
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -12,11 +13,8 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no metrics to plot (is {workdir!r} an ftjax run directory?)')
   rows: dict[tuple[int, tuple[str, ...]], dict] = {}
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows[(row['step'], tuple(sorted(row)))] = row
+  for row in metrics.read_rows(path):
+    rows[(row['step'], tuple(sorted(row)))] = row
   return [rows[k] for k in sorted(rows)]
 
 

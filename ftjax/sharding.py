@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftjax.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 LOGICAL_NAMES = frozenset(
@@ -45,7 +47,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextV
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
   """The requested mesh or batch does not fit the available devices."""
 
 

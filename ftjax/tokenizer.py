@@ -17,6 +17,13 @@ import tokenizers
 from jinja2 import sandbox
 from tokenizers import decoders, models, pre_tokenizers
 
+from ftjax.errors import UserError
+
+
+class TokenizerError(UserError):
+  """A tokenizer file or folder is unusable (the message names it)."""
+
+
 BYTE = 'byte'
 _BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '<|im_start|>')
 _EOS_NAMES = ('<|end_of_text|>', '<|eot_id|>', '</s>', '<eos>', '<|endoftext|>', '<|im_end|>')
@@ -54,7 +61,7 @@ class Tokenizer:
                           add_generation_prompt: bool = False) -> str:
     """Renders `messages` ([{'role': ..., 'content': ...}]) with the folder's chat template."""
     if not self.chat_template:
-      raise ValueError(f'{self.source}: this tokenizer has no chat_template')
+      raise TokenizerError(f'{self.source}: this tokenizer has no chat_template')
     env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message):
@@ -69,7 +76,7 @@ class Tokenizer:
     """Writes tokenizer files that `transformers.AutoTokenizer` loads."""
     os.makedirs(out_dir, exist_ok=True)
     if self.backend is None:
-      raise ValueError(f'{self.source}: only tokenizer.json tokenizers can be saved')
+      raise TokenizerError(f'{self.source}: only tokenizer.json tokenizers can be saved')
     self.backend.save(os.path.join(out_dir, 'tokenizer.json'))
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': self.eos_token,
               'bos_token': self.bos_token or None,
@@ -87,13 +94,13 @@ def _from_backend(backend: tokenizers.Tokenizer, source: str, bos: str | None, e
   def find(explicit, names):
     if explicit is not None:
       if explicit not in vocab:
-        raise ValueError(f'{source}: special token {explicit!r} is not in the vocabulary')
+        raise TokenizerError(f'{source}: special token {explicit!r} is not in the vocabulary')
       return explicit
     return next((n for n in names if n in vocab), None)
 
   bos, eos, pad = find(bos, _BOS_NAMES), find(eos, _EOS_NAMES), find(pad, _PAD_NAMES)
   if eos is None:
-    raise ValueError(f'{source}: no end-of-sequence token found (looked for {_EOS_NAMES}); '
+    raise TokenizerError(f'{source}: no end-of-sequence token found (looked for {_EOS_NAMES}); '
                      'set eos_token in tokenizer_config.json')
   def offsets(text):
     enc = backend.encode(text, add_special_tokens=False)
@@ -177,7 +184,7 @@ def _sentencepiece(path: str, special: dict[str, str | None], template: str | No
   bos = special['bos_token'] or piece(sp.bos_id())
   eos = special['eos_token'] or piece(sp.eos_id())
   if eos is None:
-    raise ValueError(f'{path}: the SentencePiece model defines no end-of-sequence token')
+    raise TokenizerError(f'{path}: the SentencePiece model defines no end-of-sequence token')
   pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.piece_to_id(eos)
 
   def offsets(text):

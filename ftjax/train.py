@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -24,15 +21,16 @@ from jax.sharding import PartitionSpec as P
 
 from ftjax import (
   build,
-  checkpoint,
   data,
   evals,
   losses,
   metrics,
   optim,
+  resume,
   sharding,
   throughput,
 )
+from ftjax import workdir as workdir_lib
 from ftjax.config import (  # noqa: F401  (re-exported: the config API users reach via train)
   DTYPES,
   ConfigError,
@@ -82,11 +80,14 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
 
 def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
                tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int,
-               dropout_seed: int | None = None, loss_chunk: int = 0):
+               dropout_seed: int | None = None, loss_chunk: int = 0,
+               skip_nonfinite: bool = False):
   """One optimizer step over the global batch, split into `grad_accum` microbatches.
 
   Gradients are summed over all masked tokens of all microbatches, then divided by
-  their count, so accumulation gives the same update as one big batch.
+  their count, so accumulation gives the same update as one big batch. `finite` in the
+  metrics says whether loss and gradient norm were finite; with `skip_nonfinite` a step where
+  they were not keeps the old weights and optimizer state (only the step count advances).
   """
   # Dropout masks depend only on (seed, step, microbatch): a resumed run draws the same ones.
   key = (None if dropout_seed is None
@@ -113,10 +114,16 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
   scale = 1.0 / jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-  out = dict(loss=loss_sum * scale, grad_norm=optax.tree.norm(grads),
-             learning_rate=lr_fn(state.step), loss_tokens=tokens)
+  params = optax.apply_updates(state.params, updates)
+  loss, grad_norm = loss_sum * scale, optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params, opt_state = (jax.tree.map(keep, params, state.params),
+                         jax.tree.map(keep, opt_state, state.opt_state))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step), loss_tokens=tokens,
+             finite=finite)
   return new_state, out
 
 
@@ -148,7 +155,7 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
           optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
           pretrained_path: str = '', lora_options: dict[str, Any] | None = None,
           num_slices: int = 1, devices=None, loss_chunk: int = 0,
-          abstract: bool = False) -> Trainer:
+          skip_nonfinite: bool = False, abstract: bool = False) -> Trainer:
   """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps.
 
   `abstract=True` allocates nothing: the state and frozen weights are shape/dtype/sharding
@@ -195,7 +202,7 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
                         dropout_seed=seed if lora_options and lora_options['dropout'] else None,
-                        loss_chunk=loss_chunk),
+                        loss_chunk=loss_chunk, skip_nonfinite=skip_nonfinite),
       in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=loss_chunk),
@@ -223,7 +230,7 @@ def setup_from_config(config: ml_collections.ConfigDict, arch: llama.Config, *,
       pretrained_path=c_model.pretrained if pretrained_path is None else pretrained_path,
       lora_options=lora_options(config.lora) if lora is None else lora,
       num_slices=config.mesh.num_slices, devices=devices, loss_chunk=c_model.loss_chunk,
-      abstract=abstract)
+      skip_nonfinite=config.train.nan_policy == 'skip_step', abstract=abstract)
 
 
 def trained_adapters(config: ml_collections.ConfigDict, trainer: Trainer) -> int | None:
@@ -260,56 +267,18 @@ def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]] | None,
               eval_examples=int(totals['examples']), **generated)
 
 
-EXIT_RESTART = 75  # EX_TEMPFAIL: preempted after a committed save; run the command again
+EXIT_RESTART = resume.EXIT_RESTART
 
 
-class Preemption:
-  """SIGTERM (what TPU VMs and schedulers send) asks the loop to save and stop.
-
-  One process: our handler sets a flag. Several: JAX's preemption sync point (via Orbax)
-  makes every host agree on the same step.
-  """
-
-  def __init__(self):
-    self.requested = False
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int, manager: checkpoint.Manager) -> bool:
-    if jax.process_count() > 1:
-      return manager.reached_preemption(step)
-    return self.requested
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss or gradient norm (train.nan_policy=stop)."""
 
 
-def restore_or_start(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
-                     train_iter: data.TrainData) -> tuple[checkpoint.Manager, int]:
-  """The run's checkpoint manager, and the step to start from (restoring state and data)."""
-  c = config.ckpt
-  manager = checkpoint.Manager(checkpoint.directory(workdir), every_steps=c.every_steps,
-                               every_minutes=c.every_minutes, max_to_keep=c.max_to_keep or None,
-                               keep_period=c.keep_period or None, async_save=c.async_save)
-  if c.resume == 'never':
-    return manager, 0
-  if c.resume == 'auto':
-    source, step = manager, manager.latest_step()
-    if step is None:
-      return manager, 0
-  else:
-    root, step = checkpoint.find_step_dir(c.resume)
-    source = checkpoint.Manager(root, max_to_keep=None)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainer.state)
-  try:
-    trainer.state = source.restore(step, abstract, train_iter.iterator)
-  except Exception:
-    manager.close()  # no background threads left behind by a failed start
-    raise
-  logging.info('restored step %d from %s', step, source.root)
-  return manager, step
+@jax.jit
+def _watch(first_bad: jax.Array, skipped: jax.Array, finite: jax.Array, step: jax.Array):
+  """Device-side record of non-finite steps, so the loop syncs only on log and save steps."""
+  first_bad = jnp.where((first_bad < 0) & ~finite, step, first_bad)
+  return first_bad, skipped + (~finite).astype(jnp.int32)
 
 
 def _logged_eval_before(workdir: str) -> dict[str, Any] | None:
@@ -317,29 +286,40 @@ def _logged_eval_before(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      if row.get('step') == 0 and 'eval_loss' in row:
-        return row
-  return None
+  return next((r for r in metrics.read_rows(path) if r['step'] == 0 and 'eval_loss' in r), None)
+
+
+def _model_name(config: ml_collections.ConfigDict, arch: llama.Config) -> str:
+  if config.model.pretrained:
+    return f'{arch.family} from {config.model.pretrained}'
+  return config.model.preset
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains as `config` says, writing metrics, TensorBoard and config.json into `workdir`."""
+  """Trains as `config` says, writing metrics, TensorBoard and config.json into `workdir`.
+
+  Nothing is written into `workdir` until the config, the mesh, the data and the restore have
+  all passed; a second run on a workdir a live run holds is refused.
+  """
   arch = validate(config)
-  c_data, c_train, c_model = config.data, config.train, config.model
   tok = data.formats.cached_tokenizer(tokenizer_spec(config))  # the one the pipeline uses
   if tok.vocab_size > arch.vocab_size:
     raise ConfigError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size is '
                       f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump({**config.to_dict(), 'resolved_model': dataclasses.asdict(arch)}, f, indent=2)
+  run_dir = workdir_lib.RunDir(workdir, resume=config.ckpt.resume,
+                               overwrite=config.ckpt.overwrite)
+  try:
+    return _run(config, workdir, arch, run_dir)
+  finally:
+    run_dir.release()
 
+
+def _run(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
+         run_dir: workdir_lib.RunDir) -> dict[str, Any]:
+  c_data, c_train = config.data, config.train
   trainer = setup_from_config(config, arch)
   options = data_options(config)
+  report = data.preflight(train_sources(c_data), options)
   train_iter = data.train_batches(train_sources(c_data), options,
                                   global_batch=c_data.global_batch, seed=c_train.seed,
                                   pack=c_data.pack, workers=c_data.workers)
@@ -348,16 +328,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               if c_data.eval_path else None)
   gen_eval = generation_eval(config)
   n_params = sharding.count_params(trainer.state.params)
-  logging.info('model %s: %d trainable parameters; mesh %s', c_model.preset, n_params,
-               dict(trainer.mesh.shape))
+  start = resume.restore_or_start(config, workdir, trainer, train_iter)
+  manager, start_step = start.manager, start.step
 
-  manager, start_step = restore_or_start(config, workdir, trainer, train_iter)
+  # Every check has passed: from here on the run writes into its directory.
+  run_dir.commit()
+  if run_dir.overwrite:
+    manager.reload()  # the earlier run's checkpoints are gone
+  for step, _ in start.corrupt:
+    manager.move_aside(step)
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, 'config.json'),
+                           {**config.to_dict(), 'resolved_model': dataclasses.asdict(arch)})
   writer = metrics.Writer(workdir, total_steps=c_train.steps, start_step=start_step,
                           progress=c_train.progress, wandb_project=c_train.wandb_project,
                           config=config.to_dict())
-  writer.print(f'ftjax: {c_model.preset} ({n_params:,} params) on mesh {dict(trainer.mesh.shape)}, '
-               f'steps {start_step + 1}..{c_train.steps}'
+  writer.print(f'ftjax: {_model_name(config, arch)} ({n_params:,} params) on mesh '
+               f'{dict(trainer.mesh.shape)}, steps {start_step + 1}..{c_train.steps}'
                + (f' (resumed from step {start_step})' if start_step else ''))
+  writer.print(report.summary_line())
+  for line in start.notes:
+    writer.print(line)
+  if start_step >= c_train.steps:
+    manager.close()
+    writer.print(f'done: nothing to train: the checkpoint is at step {start_step} and '
+                 f'train.steps={c_train.steps}; raise train.steps to train further')
+    writer.close()
+    return dict(steps=c_train.steps, wall_s=0.0, final_loss=None, preempted_at=None,
+                skipped_records={}, train_step_compiles=0, nothing_to_do=True)
+  try:
+    return _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manager,
+                 start_step, writer)
+  except BaseException:
+    manager.wait_quietly()  # the save in flight is committed before the error is reported
+    manager.close()
+    writer.close()
+    raise
+
+
+def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manager, start_step,
+          writer) -> dict[str, Any]:
+  c_data, c_train, c_model = config.data, config.train, config.model
   if start_step == 0:
     first_eval = evaluate(trainer, eval_set, gen_eval) if eval_set or gen_eval else None
     if first_eval:
@@ -365,7 +376,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     first_eval = _logged_eval_before(workdir)
   last_eval = first_eval
-  preemption = Preemption()
   meta = dict(ftjax_version=__version__, mesh=dict(trainer.mesh.shape), preset=c_model.preset,
               config=json.loads(config.to_json_best_effort()))
   stop_at = c_train.stop_at_step
@@ -377,48 +387,85 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   window_start, window_tokens, window_steps, logged = start, 0, 0, {}
   row_tokens = c_data.global_batch * c_data.seq_len
   preempted_at = None
-  with sharding.use(trainer.mesh, trainer.rules):
-    for step in range(start_step + 1, c_train.steps + 1):
-      batch, segment_ids = next(batches)
-      trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
-      real_tokens = speed.add(segment_ids)
-      window_tokens += real_tokens * jax.process_count()
-      window_steps += 1
-      writer.advance()
-      is_last = step == c_train.steps
-      if step % c_train.log_every == 0 or is_last:
-        logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        now = time.perf_counter()
-        logged.update(speed.report(now - window_start, window_steps))
-        logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
-        logged['skipped_records'] = sum(train_iter.skipped.counts.values())
-        window_start, window_tokens, window_steps = now, 0, 0
-        every = config.eval.every_steps
-        if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
-          last_eval = evaluate(trainer, eval_set, gen_eval)
-          logged.update(last_eval)
-        writer.write(step, logged)
-      stop = step == stop_at or preemption.reached(step, manager)
-      if stop or is_last or manager.due(step):
-        manager.save(step, trainer.state, batches, meta)
-      if stop:
-        preempted_at = step
-        break
+  first_bad, nonfinite_steps = jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32)
+  skip_nonfinite = c_train.nan_policy == 'skip_step'
+
+  def check_finite(step: int) -> None:
+    bad = int(jax.device_get(first_bad))
+    if bad >= 0 and not skip_nonfinite:
+      manager.wait()
+      last = manager.latest_step()
+      where = (f'the last good checkpoint is {os.path.join(manager.root, str(last))} (run the '
+               'same command again to resume from it)' if last is not None
+               else 'no checkpoint was saved before it')
+      raise NonFiniteError(
+          f'the loss or gradient norm became non-finite at step {bad}, so training stopped and '
+          f'nothing after it was saved; {where}; try a lower optim.lr, optim.clip_norm > 0, or '
+          'train.nan_policy=skip_step')
+
+  preemption = resume.Preemption(writer.print)
+  try:
+    with sharding.use(trainer.mesh, trainer.rules):
+      for step in range(start_step + 1, c_train.steps + 1):
+        try:
+          with preemption.waiting_for_data():
+            batch, segment_ids = next(batches)
+        except resume.Preempted:
+          preempted_at = step - 1
+          if preempted_at > start_step:
+            check_finite(preempted_at)
+            manager.save(preempted_at, trainer.state, batches, meta)
+          break
+        trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+        first_bad, nonfinite_steps = _watch(first_bad, nonfinite_steps,
+                                            step_metrics.pop('finite'), trainer.state.step)
+        real_tokens = speed.add(segment_ids)
+        window_tokens += real_tokens * jax.process_count()
+        window_steps += 1
+        writer.advance()
+        is_last = step == c_train.steps
+        if step % c_train.log_every == 0 or is_last:
+          check_finite(step)
+          logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          now = time.perf_counter()
+          logged.update(speed.report(now - window_start, window_steps))
+          logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
+          logged['skipped_records'] = sum(train_iter.skipped.counts.values())
+          if skip_nonfinite:
+            logged['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
+          window_start, window_tokens, window_steps = now, 0, 0
+          every = config.eval.every_steps
+          if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
+            last_eval = evaluate(trainer, eval_set, gen_eval)
+            logged.update(last_eval)
+          writer.write(step, logged)
+        stop = step == stop_at or preemption.reached(step, manager)
+        if stop or is_last or manager.due(step):
+          check_finite(step)  # a non-finite state is never written
+          manager.save(step, trainer.state, batches, meta)
+        if stop:
+          preempted_at = step
+          break
+  finally:
+    preemption.close()
   manager.wait()  # every save is committed before we report or exit
   manager.close()
   wall = time.perf_counter() - start
-  done = preempted_at is None
   summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
                  skipped_records=dict(train_iter.skipped.counts), preempted_at=preempted_at,
                  train_step_compiles=trainer.train_step._cache_size())
-  if not done:
+  if skip_nonfinite:
+    summary['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
+  if preempted_at is not None:
+    saved = manager.latest_step()
     writer.print(f'stopped after step {preempted_at} and saved a checkpoint; exit '
-                 f'{EXIT_RESTART} means: run the same command again to resume')
+                 f'{EXIT_RESTART} means: run the same command again to resume'
+                 if saved == preempted_at else
+                 f'stopped before step {preempted_at + 1}; the checkpoint at step {saved} is '
+                 f'current; exit {EXIT_RESTART} means: run the same command again to resume')
     writer.close()
     return summary
-  line = (f'done: {c_train.steps} steps in {wall:.1f}s, final train loss '
-          f'{summary["final_loss"]:.4f}' if summary['final_loss'] is not None
-          else f'done: nothing to do, the checkpoint is at step {start_step}')
+  line = f'done: {c_train.steps} steps in {wall:.1f}s, final train loss {summary["final_loss"]:.4f}'
   has_eval_loss = bool(first_eval and last_eval and 'eval_loss' in last_eval)
   if has_eval_loss:
     summary.update(eval_loss_before=first_eval['eval_loss'], eval_loss_after=last_eval['eval_loss'],
@@ -428,6 +475,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     line += f', eval loss {first_eval["eval_loss"]:.4f} -> {last_eval["eval_loss"]:.4f}'
   if train_iter.skipped.counts:
     line += f', skipped records {dict(sorted(train_iter.skipped.counts.items()))}'
+  if skip_nonfinite and summary['nonfinite_steps']:
+    line += f', {summary["nonfinite_steps"]} non-finite steps skipped'
   writer.print(line)
   if has_eval_loss:
     writer.print(f'held-out accuracy: before {first_eval["eval_accuracy"]:.2f} -> after '

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ftjax.errors import UserError
 from ftjax.models import llama
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text')
@@ -31,7 +32,7 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 INDEX = 'model.safetensors.index.json'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A Hugging Face folder is missing, malformed or describes an unsupported model."""
 
 
@@ -94,8 +95,11 @@ def config_from_hf(hf: dict[str, Any]) -> llama.Config:
   }
   if family not in ('gemma2', 'gemma3_text'):
     changes_the_math.update(attn_logit_softcapping=None, final_logit_softcapping=None)
-  if family == 'qwen2':
-    changes_the_math['attention_bias'] = hf.get('attention_bias', True)
+  # Qwen2 always has q/k/v biases (transformers ignores its attention_bias); Llama's
+  # attention_bias puts biases on q, k, v and o alike. Mistral has no such option.
+  if family in ('qwen2', 'llama'):
+    del changes_the_math['attention_bias']
+  llama_bias = family == 'llama' and bool(hf.get('attention_bias'))
   for key, expected in changes_the_math.items():
     value = hf.get(key)
     if value not in (None, expected) and not (key == 'use_sliding_window' and not value):
@@ -113,7 +117,7 @@ def config_from_hf(hf: dict[str, Any]) -> llama.Config:
       tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)),
       init_std=float(hf.get('initializer_range', 0.02)),
       mlp_activation=act,
-      qkv_bias=family == 'qwen2',
+      qkv_bias=family == 'qwen2' or llama_bias, o_bias=llama_bias,
       qk_norm=family in ('qwen3', 'gemma3_text'),
       norm_plus_one=gemma, embed_scale=gemma,
       post_norms=family in ('gemma2', 'gemma3_text'),
@@ -145,6 +149,11 @@ def config_from_hf(hf: dict[str, Any]) -> llama.Config:
 def config_to_hf(cfg: llama.Config, dtype: str) -> dict[str, Any]:
   """A `config.json` dict that `transformers` reads back into the same architecture."""
   gemma = cfg.family.startswith('gemma')
+  # Llama's attention_bias biases q, k, v and o alike; no other family has an o bias.
+  if cfg.o_bias != (cfg.family == 'llama' and cfg.qkv_bias):
+    raise ValueError(f'family={cfg.family!r} with qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias} '
+                     'has no Hugging Face form: only llama has an output-projection bias, and '
+                     'only together with q/k/v biases (attention_bias)')
   arch = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
           'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'gemma': 'GemmaForCausalLM',
           'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM'}[cfg.family]
@@ -174,6 +183,8 @@ def config_to_hf(cfg: llama.Config, dtype: str) -> dict[str, Any]:
     hf['rope_local_base_freq'] = cfg.rope_local_theta or cfg.rope_theta
     if rope['rope_type'] != 'default':
       hf['rope_scaling'] = {k: v for k, v in rope.items() if k != 'rope_theta'}
+  if cfg.family == 'llama':
+    hf['attention_bias'] = cfg.o_bias
   if cfg.family == 'qwen2':
     hf['use_sliding_window'] = False
   if cfg.family == 'mistral':
@@ -250,6 +261,8 @@ def tensor_map(cfg: llama.Config) -> dict[tuple[str, ...], Tensor]:
       ('blocks', 'attn_norm', 'scale'): Tensor(layer + 'input_layernorm.weight', 'same'),
       ('blocks', 'attn', 'o', 'w'): Tensor(layer + 'self_attn.o_proj.weight', 'out_heads'),
   }
+  if cfg.o_bias:
+    m[('blocks', 'attn', 'o_bias')] = Tensor(layer + 'self_attn.o_proj.bias', 'same')
   for name in 'qkv':
     m[('blocks', 'attn', name, 'w')] = Tensor(layer + f'self_attn.{name}_proj.weight', 'in_heads')
     if cfg.qkv_bias:

@@ -1,17 +1,20 @@
 """Hugging Face checkpoints in and out, proven by logits parity with `transformers`."""
 
+import dataclasses
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import ftjax
-from ftjax import sharding, weights
+from ftjax import lora, sharding, weights
 
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -21,6 +24,7 @@ GEMMA3_ROPE = {'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_th
 # Soft-caps, windows and rope settings are set small enough to change the logits here.
 CASES = {
     'llama': ('llama', dict(tie_word_embeddings=False)),
+    'llama_bias': ('llama', dict(attention_bias=True)),  # biases on q, k, v and o
     'llama3_mha_tied': ('llama', dict(num_key_value_heads=4, tie_word_embeddings=True,
                                       rope_parameters={'rope_type': 'llama3', 'factor': 32.0,
                                                        'low_freq_factor': 1.0,
@@ -83,7 +87,7 @@ def test_logits_and_greedy_tokens_match_transformers(case, tmp_path):
   np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize('case', ['llama3_mha_tied', 'qwen2', 'gemma2', 'gemma3'])
+@pytest.mark.parametrize('case', ['llama3_mha_tied', 'llama_bias', 'qwen2', 'gemma2', 'gemma3'])
 def test_export_round_trip_loads_in_transformers(case, tmp_path):
   hf = make_hf(case, str(tmp_path / 'in'))
   model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
@@ -92,6 +96,63 @@ def test_export_round_trip_loads_in_transformers(case, tmp_path):
                                                            attn_implementation='eager').eval()
   np.testing.assert_allclose(hf_logits(back, TOKENS), hf_logits(hf, TOKENS), atol=1e-5)
   assert set(back.state_dict()) == set(hf.state_dict())
+
+
+@pytest.mark.parametrize('path', ['cpu_2d', 'einsum'])
+def test_llama_attention_bias_in_and_out(path, tmp_path, monkeypatch):
+  if path == 'einsum':  # the projections TPU and GPU run, instead of CPU's 2-D matmuls
+    monkeypatch.setattr(sharding, 'platform', lambda: 'gpu')
+  hf = make_hf('llama_bias', str(tmp_path / 'in'))
+  model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
+  assert model.cfg.qkv_bias and model.cfg.o_bias
+  want = np.stack([hf.state_dict()[f'model.layers.{i}.self_attn.o_proj.bias'].numpy()
+                   for i in range(2)])
+  assert np.abs(want).min() > 0  # perturbed: HF's zero init would hide a dropped bias
+  np.testing.assert_array_equal(np.asarray(model.blocks.attn.o_bias.get_value()), want)
+  logits = np.asarray(model(jnp.asarray(TOKENS)))
+  np.testing.assert_allclose(logits, hf_logits(hf, TOKENS), atol=1e-5)
+  model.blocks.attn.o_bias.set_value(jnp.zeros_like(model.blocks.attn.o_bias.get_value()))
+  assert np.max(np.abs(np.asarray(model(jnp.asarray(TOKENS))) - logits)) > 1e-2
+  model.blocks.attn.o_bias.set_value(jnp.asarray(want))
+  ftjax.save_pretrained(model, str(tmp_path / 'out'), dtype='float32')
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())['attention_bias'] is True
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'),
+                                                           attn_implementation='eager').eval()
+  np.testing.assert_array_equal(back.state_dict()['model.layers.1.self_attn.o_proj.bias'],
+                                hf.state_dict()['model.layers.1.self_attn.o_proj.bias'])
+  np.testing.assert_allclose(hf_logits(back, TOKENS), logits, atol=1e-5)
+
+
+@pytest.mark.parametrize('use_dora', [False, True], ids=['lora', 'dora'])
+def test_lora_on_biased_o_matches_peft_and_keeps_the_bias_frozen(use_dora, tmp_path):
+  hf = make_hf('llama_bias', str(tmp_path / 'in'))
+  adapter = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['o_proj'], use_dora=use_dora,
+                            init_lora_weights=False, task_type='CAUSAL_LM')
+  torch.manual_seed(1)
+  theirs = peft.get_peft_model(hf, adapter).eval()
+  theirs.save_pretrained(str(tmp_path / 'adapter'))
+  want = hf_logits(theirs, TOKENS)
+  model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
+  lora.load_peft(model, str(tmp_path / 'adapter'))
+  assert sorted(lora.adapters(model)) == ['attn.o']
+  trainable = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+  assert not any('o_bias' in path for path, _ in trainable)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), want, atol=1e-5)
+  lora.merge(model)
+  ftjax.save_pretrained(model, str(tmp_path / 'merged'), dtype='float32')
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'merged'),
+                                                           attn_implementation='eager').eval()
+  np.testing.assert_allclose(hf_logits(back, TOKENS), want, atol=1e-5)
+
+
+def test_biases_without_a_hugging_face_form_are_refused_on_export():
+  cfg = weights.config_from_hf(transformers.AutoConfig.for_model('llama', **COMMON).to_dict())
+  for fields in (dict(qkv_bias=True), dict(o_bias=True), dict(family='qwen2', o_bias=True)):
+    with pytest.raises(ValueError, match='no Hugging Face form'):
+      weights.config_to_hf(dataclasses.replace(cfg, **fields), 'float32')
+  qwen2 = weights.config_from_hf(transformers.AutoConfig.for_model('qwen2', **COMMON).to_dict())
+  assert qwen2.qkv_bias and not qwen2.o_bias
+  assert 'attention_bias' not in weights.config_to_hf(qwen2, 'float32')
 
 
 def test_sharded_load_equals_single_device_load(tmp_path):

@@ -13,8 +13,10 @@ from ftjax.data.pipeline import (
     to_global,
     train_batches,
 )
+from ftjax.data.preflight import Report, SourceReport, preflight
 from ftjax.data.sources import DataError, kind_of, open_source, prepare
 
 __all__ = ['FIELDS', 'FORMATS', 'TEMPLATES', 'BadRecord', 'DataError', 'EncodeDoc', 'Encoder',
-           'Options', 'Prefetcher', 'Source', 'TrainData', 'device_batches', 'documents',
-           'eval_batches', 'kind_of', 'open_source', 'prepare', 'to_global', 'train_batches']
+           'Options', 'Prefetcher', 'Report', 'Source', 'SourceReport', 'TrainData',
+           'device_batches', 'documents', 'eval_batches', 'kind_of', 'open_source', 'preflight',
+           'prepare', 'to_global', 'train_batches']

@@ -8,14 +8,13 @@ found by rendering the conversation up to that turn, and tokens are assigned by 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Literal
 
 import grain
 import numpy as np
 
 from ftjax import tokenizer as tokenizer_lib
-from ftjax.data.sources import DataError
+from ftjax.data.sources import BadRecord, DataError, parse
 from ftjax.tokenizer import Tokenizer
 
 FORMATS = ('auto', 'text', 'prompt_completion', 'chat', 'sharegpt', 'alpaca')
@@ -30,14 +29,6 @@ ALPACA = ('Below is an instruction that describes a task{with_input}. Write a re
           '{input}### Response:\n')
 _SHAREGPT_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
                    'system': 'system', 'chatgpt': 'assistant', 'bing': 'assistant'}
-
-
-class BadRecord(Exception):
-  """A record that cannot be used; `reason` is a short key for skip counts."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(detail)
-    self.reason = reason
 
 
 def detect(record: dict[str, Any]) -> str:
@@ -187,7 +178,13 @@ class Encoder:
 
 @dataclasses.dataclass(frozen=True)
 class EncodeDoc(grain.transforms.Map):
-  """A source item -> one shifted document `{tokens, targets, loss_mask}` or a skip marker."""
+  """A source item -> one shifted document `{tokens, targets, loss_mask}` or a skip marker.
+
+  A skip marker is `{'skip': reason, 'where': file:line}`. Besides bad records (under
+  `on_bad_record='skip'`) and too long ones (under `on_too_long='skip'`), a document is skipped
+  as 'empty' (under 2 tokens) or 'no_target' (no loss-weighted target left, e.g. a prompt that
+  truncation cut before its completion): such a row would train on nothing.
+  """
 
   encoder: Encoder
   seq_len: int
@@ -195,27 +192,30 @@ class EncodeDoc(grain.transforms.Map):
   on_too_long: str = 'truncate'  # truncate | skip | error
 
   def map(self, item: dict[str, Any]) -> dict[str, Any]:
+    return self.encode(item)[0]
+
+  def encode(self, item: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The document or skip marker, and the record's token count before truncation (0 where it
+    was not tokenized)."""
     where = item['where']
+    length = 0
     try:
-      raw = item['raw']
-      if isinstance(raw, str):
-        try:
-          raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-          raise BadRecord('bad_json', f'not valid JSON ({e.msg})') from None
-      ids, weights = self.encoder.encode(raw)
-      if len(ids) > self.seq_len + 1:
+      ids, weights = self.encoder.encode(parse(item['raw']))
+      length = len(ids)
+      if length > self.seq_len + 1:
         if self.on_too_long == 'error':
-          raise DataError(f'{where}: example has {len(ids)} tokens, more than data.seq_len+1='
+          raise DataError(f'{where}: example has {length} tokens, more than data.seq_len+1='
                           f'{self.seq_len + 1} (data.on_too_long=error)')
         if self.on_too_long == 'skip':
-          return {'skip': 'too_long', 'where': where}
+          return {'skip': 'too_long', 'where': where}, length
         ids, weights = ids[: self.seq_len + 1], weights[: self.seq_len + 1]
     except BadRecord as e:
       if self.on_bad_record == 'skip':
-        return {'skip': e.reason, 'where': where}
+        return {'skip': e.reason, 'where': where}, length
       raise DataError(f'{where}: {e} (set data.on_bad_record=skip to skip such records)') from None
     if len(ids) < 2:
-      return {'skip': 'empty', 'where': where}
+      return {'skip': 'empty', 'where': where}, length
+    if not any(weights[1:]):
+      return {'skip': 'no_target', 'where': where}, length
     return {'tokens': np.asarray(ids[:-1], np.int32), 'targets': np.asarray(ids[1:], np.int32),
-            'loss_mask': np.asarray(weights[1:], np.int32)}
+            'loss_mask': np.asarray(weights[1:], np.int32)}, length

@@ -72,16 +72,34 @@ class Options:
 
 
 class SkipCounter:
-  """A grain filter that drops skip markers and counts them per reason."""
+  """A grain filter that drops skip markers, counts them per reason, and stops a hopeless run.
 
-  def __init__(self):
+  When every record is skipped, packing would filter forever and unpadded rows would be all
+  padding forever; so more than `limit` skips in a row, with no usable document between them,
+  raise DataError naming the reasons.
+  """
+
+  def __init__(self, limit: int = 1000):
     self.counts: collections.Counter[str] = collections.Counter()
+    self.limit = limit
+    self._run: collections.Counter[str] = collections.Counter()  # reasons since the last doc
+    self._run_length = 0
 
   def __call__(self, doc: dict[str, Any]) -> bool:
-    if 'skip' in doc:
-      self.counts[doc['skip']] += 1
-      return False
-    return True
+    if 'skip' not in doc:
+      if self._run_length:
+        self._run.clear()
+        self._run_length = 0
+      return True
+    self.counts[doc['skip']] += 1
+    self._run[doc['skip']] += 1
+    self._run_length += 1
+    if self._run_length > self.limit:
+      reasons = ', '.join(f'{k}: {n}' for k, n in self._run.most_common())
+      raise DataError(f'data: the last {self._run_length} records were all skipped ({reasons}); '
+                      'nothing to train on — check data.seq_len / data.train_on / the file '
+                      f"(last skipped: {doc['where']})")
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +107,8 @@ class PadRow(grain.transforms.Map):
   """One document per row, padded to `seq_len` (segment id 0 marks padding).
 
   A skipped record becomes an all-padding row (no loss), counted in `skipped`, so that row
-  positions, and with them every host's share of a global batch, never shift.
+  positions, and with them every host's share of a global batch, never shift. `skipped` sees
+  every document, so that a run of nothing but skips raises instead of yielding padding forever.
   """
 
   seq_len: int
@@ -97,9 +116,9 @@ class PadRow(grain.transforms.Map):
 
   def map(self, doc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     row = {k: np.zeros(self.seq_len, np.int32) for k in FIELDS}
+    if self.skipped is not None:
+      self.skipped(doc)
     if 'skip' in doc:
-      if self.skipped is not None:
-        self.skipped(doc)
       return row
     n = len(doc['tokens'])
     for k in DOC_FIELDS:
@@ -127,19 +146,26 @@ def local_batch_size(global_batch: int, shard_count: int) -> int:
   return global_batch // shard_count
 
 
-def documents(sources: list[Source], options: Options, *, seed: int) -> grain.MapDataset:
-  """The endless, weighted mixture of encoded documents (or skip markers), the same on every
-  host: hosts then take disjoint positions of it, and encode only those (grain is lazy)."""
-  mixed = []
+def _mixture(sources: list[Source], options: Options, *,
+             seed: int) -> tuple[grain.MapDataset, int]:
+  """The endless mixture of encoded documents and the record count of one pass over `sources`."""
+  mixed, records = [], 0
   for i, source in enumerate(sources):
     ds = open_source(source.path, split=source.split, tfds_data_dir=options.tfds_data_dir)
     if len(ds) == 0:
       raise DataError(f'{source.path}: no records')
+    records += len(ds)
     ds = ds.shuffle(seed=seed + 7919 * i).repeat()  # a new order every epoch
     mixed.append(ds.map(options.encode_doc(source.format)))
   if len(mixed) == 1:
-    return mixed[0]
-  return grain.MapDataset.mix(mixed, weights=[s.weight for s in sources])
+    return mixed[0], records
+  return grain.MapDataset.mix(mixed, weights=[s.weight for s in sources]), records
+
+
+def documents(sources: list[Source], options: Options, *, seed: int) -> grain.MapDataset:
+  """The endless, weighted mixture of encoded documents (or skip markers), the same on every
+  host: hosts then take disjoint positions of it, and encode only those (grain is lazy)."""
+  return _mixture(sources, options, seed=seed)[0]
 
 
 @dataclasses.dataclass
@@ -170,11 +196,14 @@ def train_batches(sources: list[Source], options: Options, *, global_batch: int,
   Unpacked: host i takes rows [i*local, (i+1)*local) of every global batch, so the global
   batches (and a checkpointed position) are the same for any number of processes. Packed: host i
   packs documents i, i+n, i+2n, ... of the shared stream, so hosts never share a document.
+  Iterating raises DataError once more records in a row than max(1000, one pass over every
+  source) were skipped (also from grain workers: their exception reaches the caller).
   """
   index, count = shard or _shard()
   local = local_batch_size(global_batch, count)
-  skipped = SkipCounter()
-  docs = documents(sources, options, seed=seed)
+  docs, records = _mixture(sources, options, seed=seed)
+  # More skips in a row than a whole pass over the data holds means nothing usable is left.
+  skipped = SkipCounter(limit=max(1000, records))
   if pack:
     mine = docs[index::count].to_iter_dataset().filter(skipped)
     rows = FirstFitPackIterDataset(
@@ -252,8 +281,15 @@ class Prefetcher:
   def __next__(self) -> tuple[dict[str, jax.Array], np.ndarray]:
     """The next global batch and this host's `[rows, T]` segment ids (0 = padding)."""
     self._fill()
-    batch, segment_ids, self._consumed_state = self._queue.popleft()
-    self._fill()  # start the next transfers before the step is dispatched
+    batch, segment_ids, state = self._queue.popleft()
+    try:
+      self._fill()  # start the next transfers before the step is dispatched
+    except BaseException:
+      # Interrupted (a preemption during a stuck read): this batch was not trained on, so the
+      # consumed position must not move past it.
+      self._queue.appendleft((batch, segment_ids, state))
+      raise
+    self._consumed_state = state
     return batch, segment_ids
 
   def __iter__(self) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:

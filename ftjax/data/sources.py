@@ -1,25 +1,56 @@
 """Data sources: JSONL (.gz), JSON arrays, Parquet, ArrayRecord and TFDS, as random-access records.
 
 Every source becomes a `grain.MapDataset` of `{'where': ..., 'raw': ...}` items, where `where`
-names the file and line (or index) for error reports and `raw` is a JSON line (parsed later,
-so a malformed line is reported, not fatal, under `data.on_bad_record='skip'`) or a dict.
+names the file and line (or index) for error reports and `raw` is the undecoded bytes of a JSON
+line or record (decoded and parsed later, by `parse`, so a line that is not UTF-8 or not JSON
+is one bad record, skipped under `data.on_bad_record='skip'`) or an already-parsed value.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
+import zlib
 from typing import Any
 
 import grain
 import numpy as np
 from etils import epath
 
+from ftjax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
   """A data file is missing or malformed (the message names file and line)."""
+
+
+class BadRecord(Exception):
+  """A record that cannot be used; `reason` is a short key for skip counts."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+
+
+def parse(raw: Any) -> Any:
+  """A source item's `raw` as a JSON value: bytes are decoded as UTF-8 and text parsed as JSON.
+
+  Raises:
+    BadRecord: 'bad_utf8' or 'bad_json', with what is wrong (the caller adds file and line).
+  """
+  if isinstance(raw, bytes):
+    try:
+      raw = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise BadRecord('bad_utf8', f'not valid UTF-8 ({e.reason}: byte '
+                      f'{e.object[e.start:e.start + 1]!r} at column {e.start + 1})') from None
+  if isinstance(raw, str):
+    try:
+      return json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise BadRecord('bad_json', f'not valid JSON ({e.msg})') from None
+  return raw
 
 
 def kind_of(path: str) -> str:
@@ -41,17 +72,29 @@ def _exists(path: str) -> None:
     raise DataError(f'data file not found: {path!r}')
 
 
-class _Lines(grain.sources.RandomAccessDataSource):
-  """The lines of a JSONL file (decompressed if .gz), each with its line number."""
-
-  def __init__(self, path: str):
-    _exists(path)
-    data = epath.Path(path).read_bytes()
-    if path.endswith('.gz'):
+def _read_bytes(path: str) -> bytes:
+  """The file's bytes, decompressed if .gz."""
+  _exists(path)
+  data = epath.Path(path).read_bytes()
+  if path.endswith('.gz'):
+    try:
       data = gzip.decompress(data)
+    except (EOFError, OSError, zlib.error) as e:  # truncated: EOFError; corrupt: BadGzipFile
+      raise DataError(f'{path}: truncated or corrupt gzip file ({type(e).__name__}: {e})') from None
+  return data
+
+
+class _Lines(grain.sources.RandomAccessDataSource):
+  """The non-blank lines of a JSONL file (decompressed if .gz), each with its line number.
+
+  Lines stay bytes until parsed, so one line that is not UTF-8 is one bad record, not a failure
+  to open the whole file.
+  """
+
+  def __init__(self, path: str, data: bytes | None = None):
+    data = _read_bytes(path) if data is None else data
     self._path = path
-    self._lines = [(i, line) for i, line in enumerate(io.StringIO(data.decode('utf-8')), 1)
-                   if line.strip()]
+    self._lines = [(i, line) for i, line in enumerate(data.split(b'\n'), 1) if line.strip()]
 
   def __len__(self) -> int:
     return len(self._lines)
@@ -100,36 +143,43 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _array_record_json(record: bytes) -> str:
-  return record.decode('utf-8')
-
-
 def open_source(path: str, *, split: str = '', tfds_data_dir: str = '') -> grain.MapDataset:
   """A random-access dataset over one source, typed by its path."""
+  return grain.MapDataset.source(open_records(path, split=split, tfds_data_dir=tfds_data_dir))
+
+
+def open_records(path: str, *, split: str = '',
+                 tfds_data_dir: str = '') -> grain.sources.RandomAccessDataSource:
+  """The records of one source, typed by its path, as a plain random-access source (what
+  `open_source` wraps; a whole-file scan reads it without grain's per-element overhead)."""
   kind = kind_of(path)
   if kind == 'jsonl':
-    return grain.MapDataset.source(_Lines(path))
+    return _Lines(path)
   if kind == 'json':
-    _exists(path)
-    text = epath.Path(path).read_text()
-    if not text.lstrip().startswith('['):
-      return grain.MapDataset.source(_Lines(path))
+    data = _read_bytes(path)
+    if not data.lstrip().startswith(b'['):
+      return _Lines(path, data)
+    try:
+      text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+      line = data.count(b'\n', 0, e.start) + 1
+      raise DataError(f'{path}:{line}: not valid UTF-8 ({e.reason})') from None
     try:
       records = json.loads(text)
     except json.JSONDecodeError as e:
       raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
-    return grain.MapDataset.source(_Records(path, records))
+    return _Records(path, records)
   if kind == 'parquet':
     _exists(path)
     import pyarrow.parquet as pq
 
-    return grain.MapDataset.source(_Records(path, pq.read_table(path).to_pylist()))
+    return _Records(path, pq.read_table(path).to_pylist())
   if kind == 'array_record':
     paths = sorted(str(p) for p in epath.Path(path).parent.glob(epath.Path(path).name + '*'))
     if not paths:
       raise DataError(f'data file not found: {path!r}')
     source = grain.sources.ArrayRecordDataSource(paths)
-    return grain.MapDataset.source(_Wrapped(path, source, _array_record_json))
+    return _Wrapped(path, source, bytes)  # JSON bytes, parsed later
   # tfds://name/split, read with tfds.data_source from a prepared data dir (no TensorFlow).
   import tensorflow_datasets as tfds
 
@@ -141,7 +191,7 @@ def open_source(path: str, *, split: str = '', tfds_data_dir: str = '') -> grain
   except Exception as e:  # tfds raises many types for a missing/unprepared dataset
     raise DataError(f'{path}: cannot open TFDS dataset {name!r} split {split!r} in '
                     f'data.tfds_data_dir={tfds_data_dir!r} ({type(e).__name__}: {e})') from None
-  return grain.MapDataset.source(_Wrapped(path, source, _plain))
+  return _Wrapped(path, source, _plain)
 
 
 def prepare(path: str, out: str, *, split: str = '', tfds_data_dir: str = '') -> int:
@@ -153,13 +203,11 @@ def prepare(path: str, out: str, *, split: str = '', tfds_data_dir: str = '') ->
   writer = ArrayRecordWriter(out, 'group_size:1')
   count = 0
   for item in ds:
-    raw = item['raw']
-    if isinstance(raw, str):
-      try:
-        raw = json.loads(raw)
-      except json.JSONDecodeError as e:
-        writer.close()
-        raise DataError(f"{item['where']}: not valid JSON ({e.msg})") from None
+    try:
+      raw = parse(item['raw'])
+    except BadRecord as e:
+      writer.close()
+      raise DataError(f"{item['where']}: {e}") from None
     writer.write(json.dumps(raw).encode('utf-8'))
     count += 1
   writer.close()

@@ -1,8 +1,8 @@
 """Llama-family decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3.
 
-These families share one block structure; `Config` flags switch on what differs (q/k/v bias,
-q/k norm, sliding-window layers, Gemma's (1+w) norms, GeGLU, embedding scaling, pre/post norms,
-logit soft-capping, dual rope bases).
+These families share one block structure; `Config` flags switch on what differs (q/k/v and
+output biases, q/k norm, sliding-window layers, Gemma's (1+w) norms, GeGLU, embedding scaling,
+pre/post norms, logit soft-capping, dual rope bases).
 
 Letters: B batch, T length, D embed, F mlp, N heads, K kv heads, H head dim, V vocab.
 """
@@ -53,7 +53,8 @@ class Config:
   tie_embeddings: bool = False
   init_std: float = 0.02
   family: str = 'llama'  # the Hugging Face model_type this architecture exports as
-  qkv_bias: bool = False  # Qwen2
+  qkv_bias: bool = False  # Qwen2; Llama with attention_bias (together with o_bias)
+  o_bias: bool = False  # Llama with attention_bias: a bias on the output projection
   qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k
   norm_plus_one: bool = False  # Gemma: norms scale by (1 + w)
   mlp_activation: str = 'silu'  # silu (SwiGLU) | gelu_tanh (GeGLU)
@@ -132,6 +133,8 @@ class Attention(nnx.Module):
       self.q_bias = layers.param(rngs, zeros, (n, h), ('heads', 'head_dim'), param_dtype)
       self.k_bias = layers.param(rngs, zeros, (k, h), ('kv_heads', 'head_dim'), param_dtype)
       self.v_bias = layers.param(rngs, zeros, (k, h), ('kv_heads', 'head_dim'), param_dtype)
+    if cfg.o_bias:
+      self.o_bias = layers.param(rngs, jax.nn.initializers.zeros, (d,), ('embed',), param_dtype)
     if cfg.qk_norm:
       norm = dict(eps=cfg.norm_eps, rngs=rngs, plus_one=cfg.norm_plus_one, name='head_dim',
                   param_dtype=param_dtype)
@@ -154,6 +157,13 @@ class Attention(nnx.Module):
     q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
     return sharding.constrain(q, ('batch', 'seq', 'heads', 'head_dim')), k, v
 
+  def _out(self, out: Float[Array, 'B T N H'], key=None) -> Float[Array, 'B T D']:
+    """The output projection, plus its bias where the family has one."""
+    y = self.o(out, key=key)
+    if self.cfg.o_bias:  # outside `o`, so a LoRA adapter on `o` leaves the bias frozen
+      y = y + self.o_bias.get_value().astype(y.dtype)[None, None]
+    return y
+
   def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
                key=None) -> Float[Array, 'B T D']:
     cfg = self.cfg
@@ -162,7 +172,7 @@ class Attention(nnx.Module):
     out = layers.attention(q, k, v, segment_ids, positions,
                            scale=(cfg.query_scale or cfg.head_dim) ** -0.5, window=window,
                            softcap=cfg.attn_softcap, implementation=self.implementation)
-    return self.o(out, key=keys[3])
+    return self._out(out, key=keys[3])
 
   def decode(self, x: Float[Array, 'B T D'], rope, positions: Int[Array, 'B T'],
              key_positions: Int[Array, 'B S'], window, k_cache: Float[Array, 'B S K H'],
@@ -189,7 +199,7 @@ class Attention(nnx.Module):
       out = layers.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
                                     positions, key_positions, scale=scale, window=window,
                                     softcap=cfg.attn_softcap)
-    return self.o(out), k_cache, v_cache
+    return self._out(out), k_cache, v_cache
 
 
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
