@@ -15,11 +15,12 @@ import jax
 from flax import nnx
 
 from ftjax import build, lora, tokenizer, weights
+from ftjax.errors import UserError
 
 FORMATS = ('hf', 'peft')
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """An export that would overwrite or destroy something; the message says what."""
 
 

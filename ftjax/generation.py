@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int
 
 from ftjax import sharding
+from ftjax.errors import UserError
 from ftjax.models import llama
 
 MIN_BUCKET = 16
@@ -33,7 +34,7 @@ def bucket(length: int) -> int:
   return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
   """Generation settings or weights that cannot give meaningful tokens; the message says why."""
 
 

@@ -38,7 +38,7 @@ class Preemption:
 
   def __init__(self, say: Callable[[str], None] = print):
     self.requested = False
-    self._say, self._interrupts, self._waiting = say, 0, False
+    self.say, self._interrupts, self._waiting = say, 0, False
     self._previous: dict[int, Any] = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
@@ -50,7 +50,7 @@ class Preemption:
       self._interrupts += 1
       if self._interrupts > 1:
         raise KeyboardInterrupt  # the second Ctrl-C: abort now, nothing saved
-      self._say('interrupted: saving a checkpoint after this step, then exiting 75 '
+      self.say('interrupted: saving a checkpoint after this step, then exiting 75 '
                 '(Ctrl-C again aborts without saving)')
     self.requested = True
     if self._waiting:

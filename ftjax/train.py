@@ -316,6 +316,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _run(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
          run_dir: workdir_lib.RunDir) -> dict[str, Any]:
+  # Signals are handled from here on: one during set-up stops the run before its first step.
+  preemption = resume.Preemption()
+  try:
+    return _start(config, workdir, arch, run_dir, preemption)
+  finally:
+    preemption.close()
+
+
+def _start(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
+           run_dir: workdir_lib.RunDir, preemption: resume.Preemption) -> dict[str, Any]:
   c_data, c_train = config.data, config.train
   trainer = setup_from_config(config, arch)
   options = data_options(config)
@@ -343,6 +353,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
   writer = metrics.Writer(workdir, total_steps=c_train.steps, start_step=start_step,
                           progress=c_train.progress, wandb_project=c_train.wandb_project,
                           config=config.to_dict())
+  preemption.say = writer.print
   writer.print(f'ftjax: {_model_name(config, arch)} ({n_params:,} params) on mesh '
                f'{dict(trainer.mesh.shape)}, steps {start_step + 1}..{c_train.steps}'
                + (f' (resumed from step {start_step})' if start_step else ''))
@@ -358,7 +369,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
                 skipped_records={}, train_step_compiles=0, nothing_to_do=True)
   try:
     return _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manager,
-                 start_step, writer)
+                 start_step, writer, preemption)
   except BaseException:
     manager.wait_quietly()  # the save in flight is committed before the error is reported
     manager.close()
@@ -367,7 +378,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
 
 
 def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manager, start_step,
-          writer) -> dict[str, Any]:
+          writer, preemption) -> dict[str, Any]:
   c_data, c_train, c_model = config.data, config.train, config.model
   if start_step == 0:
     first_eval = evaluate(trainer, eval_set, gen_eval) if eval_set or gen_eval else None
@@ -403,51 +414,47 @@ def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manage
           f'nothing after it was saved; {where}; try a lower optim.lr, optim.clip_norm > 0, or '
           'train.nan_policy=skip_step')
 
-  preemption = resume.Preemption(writer.print)
-  try:
-    with sharding.use(trainer.mesh, trainer.rules):
-      for step in range(start_step + 1, c_train.steps + 1):
-        try:
-          with preemption.waiting_for_data():
-            batch, segment_ids = next(batches)
-        except resume.Preempted:
-          preempted_at = step - 1
-          if preempted_at > start_step:
-            check_finite(preempted_at)
-            manager.save(preempted_at, trainer.state, batches, meta)
-          break
-        trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
-        first_bad, nonfinite_steps = _watch(first_bad, nonfinite_steps,
-                                            step_metrics.pop('finite'), trainer.state.step)
-        real_tokens = speed.add(segment_ids)
-        window_tokens += real_tokens * jax.process_count()
-        window_steps += 1
-        writer.advance()
-        is_last = step == c_train.steps
-        if step % c_train.log_every == 0 or is_last:
-          check_finite(step)
-          logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          now = time.perf_counter()
-          logged.update(speed.report(now - window_start, window_steps))
-          logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
-          logged['skipped_records'] = sum(train_iter.skipped.counts.values())
-          if skip_nonfinite:
-            logged['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
-          window_start, window_tokens, window_steps = now, 0, 0
-          every = config.eval.every_steps
-          if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
-            last_eval = evaluate(trainer, eval_set, gen_eval)
-            logged.update(last_eval)
-          writer.write(step, logged)
-        stop = step == stop_at or preemption.reached(step, manager)
-        if stop or is_last or manager.due(step):
-          check_finite(step)  # a non-finite state is never written
-          manager.save(step, trainer.state, batches, meta)
-        if stop:
-          preempted_at = step
-          break
-  finally:
-    preemption.close()
+  with sharding.use(trainer.mesh, trainer.rules):
+    for step in range(start_step + 1, c_train.steps + 1):
+      try:
+        with preemption.waiting_for_data():
+          batch, segment_ids = next(batches)
+      except resume.Preempted:
+        preempted_at = step - 1
+        if preempted_at > start_step:
+          check_finite(preempted_at)
+          manager.save(preempted_at, trainer.state, batches, meta)
+        break
+      trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+      first_bad, nonfinite_steps = _watch(first_bad, nonfinite_steps,
+                                          step_metrics.pop('finite'), trainer.state.step)
+      real_tokens = speed.add(segment_ids)
+      window_tokens += real_tokens * jax.process_count()
+      window_steps += 1
+      writer.advance()
+      is_last = step == c_train.steps
+      if step % c_train.log_every == 0 or is_last:
+        check_finite(step)
+        logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        logged.update(speed.report(now - window_start, window_steps))
+        logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
+        logged['skipped_records'] = sum(train_iter.skipped.counts.values())
+        if skip_nonfinite:
+          logged['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
+        window_start, window_tokens, window_steps = now, 0, 0
+        every = config.eval.every_steps
+        if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
+          last_eval = evaluate(trainer, eval_set, gen_eval)
+          logged.update(last_eval)
+        writer.write(step, logged)
+      stop = step == stop_at or preemption.reached(step, manager)
+      if stop or is_last or manager.due(step):
+        check_finite(step)  # a non-finite state is never written
+        manager.save(step, trainer.state, batches, meta)
+      if stop:
+        preempted_at = step
+        break
   manager.wait()  # every save is committed before we report or exit
   manager.close()
   wall = time.perf_counter() - start
@@ -461,8 +468,10 @@ def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manage
     writer.print(f'stopped after step {preempted_at} and saved a checkpoint; exit '
                  f'{EXIT_RESTART} means: run the same command again to resume'
                  if saved == preempted_at else
-                 f'stopped before step {preempted_at + 1}; the checkpoint at step {saved} is '
-                 f'current; exit {EXIT_RESTART} means: run the same command again to resume')
+                 f'stopped before step {preempted_at + 1} ('
+                 + (f'the checkpoint at step {saved} is current' if saved is not None
+                    else 'no step ran, nothing to save')
+                 + f'); exit {EXIT_RESTART} means: run the same command again to resume')
     writer.close()
     return summary
   line = f'done: {c_train.steps} steps in {wall:.1f}s, final train loss {summary["final_loss"]:.4f}'

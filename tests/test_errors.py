@@ -1,4 +1,4 @@
-"""Every user error of `ftjax train` is one line, `ftjax: error: ...`, naming the file or key, exit 2.
+"""Every user error of `ftjax train` is one line, `ftjax: error: ...`, naming what is wrong; exit 2.
 
 Each case runs the real command in a subprocess: the exit code and stderr are the process's.
 """

@@ -318,3 +318,40 @@ def test_sigterm_interrupts_a_pipeline_that_is_waiting_for_data(tmp_path):
   assert proc.returncode == resume.EXIT_RESTART, err[-2000:]
   assert time.time() - sent < 30
   assert 'stopped' in out
+
+
+def test_a_pretrained_run_names_its_architecture(small_config, hf_folder, tmp_path, capsys):
+  for key in ('vocab_size', 'embed_dim', 'mlp_dim', 'num_layers', 'num_heads', 'num_kv_heads',
+              'head_dim'):
+    small_config.model[key] = None
+  small_config.model.pretrained = hf_folder
+  small_config.train.update(steps=1)
+  train.run(small_config, str(tmp_path / 'run'))
+  first = capsys.readouterr().out.splitlines()[0]
+  assert first.startswith(f'ftjax: qwen3 from {hf_folder} (') and 'tiny' not in first
+
+
+@pytest.mark.slow
+def test_an_error_mid_run_waits_for_the_save_in_flight(tmp_path):
+  # One record too long for data.on_too_long=error, where the preflight sample does not look:
+  # the run meets it mid-epoch, with a checkpoint save started at every step.
+  count = 2000
+  sampled = set(np.linspace(0, count - 1, 512).astype(int))
+  bad = next(i for i in range(count // 2, count) if i not in sampled)
+  records = [{'prompt': f'{i % 10}+{i % 7}=', 'completion': str(i % 10 + i % 7)}
+             for i in range(count)]
+  records[bad] = {'prompt': 'x' * 500, 'completion': 'y'}
+  path = write_jsonl(tmp_path / 'd.jsonl', records)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      _train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
+                     '--config.eval.every_steps=0', '--config.data.on_too_long=error',
+                     '--config.ckpt.every_steps=1', '--config.ckpt.max_to_keep=0',
+                     '--config.train.steps=400'),
+      env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f'd.jsonl:{bad + 1}: example has' in result.stderr
+  root = tmp_path / 'run' / 'checkpoints'
+  saved = workdir.has_checkpoints(str(tmp_path / 'run'))
+  assert saved and sorted(os.listdir(root)) == sorted(str(s) for s in saved)  # no temporary
+  assert all(checkpoint.verify(str(root / str(s))) is None for s in saved)
