@@ -138,6 +138,17 @@ def check_cache_fits(cfg: llama.Config, *, batch: int, prompt_length: int, max_n
         f'{_name("max_new_tokens", flag_names)} or {_name("batch_size", flag_names)}')
 
 
+def check_context(limit: int | None, *, prompt_length: int, max_new_tokens: int,
+                  source: str) -> None:
+  """Raises `GenerationError` if the longest prompt plus the new tokens exceed the context the
+  model was trained for (`limit`; None = unknown, nothing checked)."""
+  if limit is not None and prompt_length + max_new_tokens > limit:
+    raise GenerationError(
+        f'the longest prompt ({prompt_length} tokens) + --max-new-tokens {max_new_tokens} = '
+        f'{prompt_length + max_new_tokens} tokens exceeds the {limit}-token context of {source} '
+        '(max_position_embeddings): shorten the prompt or lower --max-new-tokens')
+
+
 @jax.jit
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])

@@ -309,12 +309,16 @@ def _generate(argv: list[str]) -> None:
       _fail(f'--stop={text!r} is {len(ids)} tokens; a stop must be a single token')
     stop_ids += ids
   mesh = sharding.make_mesh((1, -1, 1))
+  base = _PRETRAINED.value or run['model']['pretrained']
   try:
     generation.check_cache_fits(
         arch, batch=min(_BATCH_SIZE.value, len(prompts)),
         prompt_length=max(len(p) for p in prompts), max_new_tokens=_MAX_NEW.value,
         dtype=build.pretrained.DTYPES[dtype], flag_names=True,
         batch_shards=sharding.batch_shards(mesh, sharding.get_rules(rules_name)))
+    generation.check_context(build.pretrained.max_context(base) if base else None,
+                             prompt_length=max(len(p) for p in prompts),
+                             max_new_tokens=_MAX_NEW.value, source=base or source)
     model, _, mesh, rules = build.for_generation(
         pretrained_path=_PRETRAINED.value or '', adapter=_ADAPTER.value or '',
         workdir=_WORKDIR.value or '', dtype=build.pretrained.DTYPES[dtype], mesh=mesh)

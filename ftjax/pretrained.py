@@ -32,6 +32,19 @@ def read_config(path: str) -> llama.Config:
   return weights.config_from_hf(weights.Folder(path).hf_config)
 
 
+def max_context(path: str) -> int | None:
+  """The longest sequence a Hugging Face folder's model was trained for
+  (`max_position_embeddings`), or None when its config.json does not say."""
+  import json
+
+  try:
+    with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+      value = json.load(f).get('max_position_embeddings')
+  except (OSError, ValueError):
+    return None
+  return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def load_pretrained(path: str, dtype: str | Any = 'float32',
                     mesh: jax.sharding.Mesh | None = None, rules: str = 'fsdp_tp') -> llama.Llama:
   """A model with the weights of the Hugging Face folder `path`; `model(input_ids)` -> logits.

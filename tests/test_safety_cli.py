@@ -265,3 +265,15 @@ def test_generate_command_refuses_weights_with_nan(hf_folder, tmp_path):
   assert line == (f'ftjax: error: the weights of --pretrained={poisoned} contain NaN or inf '
                   '(in blocks.mlp.down.w): the tokens would be garbage; check the checkpoint or '
                   'the run that made it')
+
+
+def test_generate_command_refuses_more_tokens_than_the_model_context(hf_folder):
+  # The tiny checkpoint says max_position_embeddings=256.
+  line = _refused(_cli('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
+                       '--max-new-tokens=300'))
+  assert re.fullmatch(
+      r'ftjax: error: the longest prompt \(\d+ tokens\) \+ --max-new-tokens 300 = \d+ tokens '
+      rf'exceeds the 256-token context of {re.escape(hf_folder)} \(max_position_embeddings\): '
+      r'shorten the prompt or lower --max-new-tokens', line), line
+  assert _cli('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
+              '--max-new-tokens=4').returncode == 0
