@@ -27,14 +27,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from ftjax.errors import UserError
+from ftjax.errors import CheckpointError
 
 CHECKSUMS = 'ftjax_checksums.json'  # per step folder: sha256 of every file, written after commit
 ITEMS = ('state', 'meta')  # item folders every ftjax checkpoint has ('data' when it has a stream)
-
-
-class CheckpointError(UserError):
-  """A checkpoint is missing or does not fit the model being restored (the message says how)."""
 
 
 class CorruptCheckpoint(CheckpointError):

@@ -241,7 +241,16 @@ def _decode_loop(state: nnx.State, tokens: Int[Array, 'B T'], mask: Int[Array, '
   return sharding.constrain(out, (None, None))  # replicated: every host can read every row
 
 
-_decode_jit = jax.jit(_decode_loop, static_argnames=(
+DECODE_TRACES: list[int] = []  # one entry each time the decode loop is traced (= compiled)
+
+
+@functools.wraps(_decode_loop)
+def _traced_decode_loop(*args, **kwargs):
+  DECODE_TRACES.append(1)  # runs only while jax traces, never per compiled call
+  return _decode_loop(*args, **kwargs)
+
+
+_decode_jit = jax.jit(_traced_decode_loop, static_argnames=(
     'graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_id', 'pad_id',
     'cache_dtype'))
 

@@ -73,8 +73,3 @@ def chunked_next_token_xent(
                row_tokens=jnp.zeros((b,)), row_correct=jnp.zeros((b,)))
   out, _ = jax.lax.scan(body, zeros, (split(hidden), split(targets), split(loss_mask)))
   return out
-
-
-def mean_loss(loss_sum: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Mean over masked tokens; 0 (never NaN) when a batch has no masked token."""
-  return loss_sum / jnp.maximum(tokens, 1.0)

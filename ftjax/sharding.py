@@ -232,5 +232,16 @@ def create_sharded(make: Any, mesh: Mesh, rules: dict) -> Any:
   return nnx.merge(graphdef, state)
 
 
+def assert_sufficiently_sharded(state: Any, *, min_bytes: int = 1 << 20) -> None:
+  """Raises AssertionError naming every array of `min_bytes` or more that each device holds
+  whole (after MaxText's `assert_params_sufficiently_sharded`): under FSDP-style rules a big
+  weight replicated on every chip means a rule is missing."""
+  whole = [(jax.tree_util.keystr(path), x.shape)
+           for path, x in jax.tree_util.tree_leaves_with_path(state)
+           if isinstance(x, jax.Array) and x.nbytes >= min_bytes and len(x.sharding.device_set) > 1
+           and x.addressable_shards[0].data.nbytes == x.nbytes]
+  assert not whole, f'{len(whole)} arrays of >= {min_bytes} bytes are not sharded: {whole[:5]}'
+
+
 def count_params(state: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))

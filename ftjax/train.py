@@ -149,6 +149,18 @@ class Trainer:
   train_step: Any
   eval_step: Any
   batch_sharding: NamedSharding
+  step_traces: list[int] = dataclasses.field(default_factory=list)  # one entry per trace
+
+
+def _counting(fn: Any, traces: list[int]) -> Any:
+  """`fn`, noting each time it is traced (jit traces once per new input signature)."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    traces.append(1)  # Python runs here only while jax traces, never per compiled call
+    return fn(*args, **kwargs)
+
+  return traced
 
 
 def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
@@ -199,15 +211,18 @@ def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rule
     state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
   batch_sh = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, P())
+  traces: list[int] = []
+  step = functools.partial(
+      train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
+      dropout_seed=seed if lora_options and lora_options['dropout'] else None,
+      loss_chunk=loss_chunk, skip_nonfinite=skip_nonfinite)
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
-                        dropout_seed=seed if lora_options and lora_options['dropout'] else None,
-                        loss_chunk=loss_chunk, skip_nonfinite=skip_nonfinite),
+      _counting(step, traces),
       in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=loss_chunk),
                     in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=replicated)
-  return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh)
+  return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh, traces)
 
 
 def setup_from_config(config: ml_collections.ConfigDict, arch: llama.Config, *,
@@ -460,7 +475,7 @@ def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manage
   wall = time.perf_counter() - start
   summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
                  skipped_records=dict(train_iter.skipped.counts), preempted_at=preempted_at,
-                 train_step_compiles=trainer.train_step._cache_size())
+                 train_step_compiles=len(trainer.step_traces))
   if skip_nonfinite:
     summary['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
   if preempted_at is not None:

@@ -23,17 +23,13 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from ftjax.errors import UserError
+from ftjax.errors import CheckpointError
 from ftjax.models import llama
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text')
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'tokenizer.model', 'generation_config.json', 'chat_template.jinja')
 INDEX = 'model.safetensors.index.json'
-
-
-class CheckpointError(UserError):
-  """A Hugging Face folder is missing, malformed or describes an unsupported model."""
 
 
 # ---------------------------------------------------------------------------- config.json

@@ -19,6 +19,15 @@ def write_jsonl(path, records):
   return str(path)
 
 
+@pytest.fixture(params=['cpu_2d', 'einsum'])
+def projection(request, monkeypatch):
+  """Runs a test through both projection paths: the CPU 2-D matmuls and the einsum TPU/GPU run."""
+  from ftjax.models import layers
+
+  monkeypatch.setattr(layers, 'CPU_2D_PROJECTION', request.param == 'cpu_2d')
+  return request.param
+
+
 @pytest.fixture
 def addition_data(tmp_path):
   """A small prompt/completion task: train and held-out files."""

@@ -86,13 +86,13 @@ def tiny_model():
 
 def test_decode_loop_compiles_once_per_bucket():
   model = tiny_model()
-  before = generation._decode_jit._cache_size()
+  before = len(generation.DECODE_TRACES)
   for length in (3, 9, 16):  # all in the 16-token bucket
     ftjax.generate(model, PROMPTS[:, :length], max_new_tokens=5)
-  assert generation._decode_jit._cache_size() == before + 1
+  assert len(generation.DECODE_TRACES) == before + 1
   ftjax.generate(model, PROMPTS[:, :5], max_new_tokens=5, temperature=0.7, seed=3)
   ftjax.generate(model, PROMPTS[:, :5], max_new_tokens=5, temperature=0.7, seed=4)
-  assert generation._decode_jit._cache_size() == before + 2  # the seed is not baked in
+  assert len(generation.DECODE_TRACES) == before + 2  # the seed is not baked in
   assert generation.bucket(17) == 32 and generation.bucket(1) == generation.MIN_BUCKET
 
 

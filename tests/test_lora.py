@@ -26,7 +26,7 @@ def _perturb_adapters(model):
 
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
-def test_logits_unchanged_at_init_and_merge_is_exact(variant):
+def test_logits_unchanged_at_init_and_merge_is_exact(variant, projection):
   model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
   base = np.asarray(model(TOKENS))
   lora.apply(model, rank=4, alpha=8.0, targets='all-linear', **VARIANTS[variant])
@@ -97,7 +97,7 @@ def test_targets_that_match_nothing_list_the_modules():
 
 
 @pytest.mark.parametrize('kind,tolerance', [('int8', 0.02), ('int4', 0.35)])
-def test_quantized_base_stays_close_and_merges(kind, tolerance):
+def test_quantized_base_stays_close_and_merges(kind, tolerance, projection):
   model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
   base = np.asarray(model(TOKENS))
   assert len(quantize.apply(model, kind)) == 7

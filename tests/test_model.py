@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from ftjax.models import llama
+from ftjax.models import layers, llama
 
 
 def _hf_model(num_kv_heads, tie, rope_scaling=None):
@@ -65,7 +65,7 @@ LLAMA3_SCALING = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_
     (4, True, None),  # MHA, tied embeddings (Llama 3.2 style)
     (1, False, LLAMA3_SCALING),  # MQA with Llama 3.1 rope scaling
 ])
-def test_logits_match_transformers(num_kv_heads, tie, scaling):
+def test_logits_match_transformers(num_kv_heads, tie, scaling, projection):
   hf = _hf_model(num_kv_heads, tie, scaling)
   arch = llama.Config(vocab_size=128, embed_dim=64, num_layers=2, num_heads=4,
                       num_kv_heads=num_kv_heads, head_dim=16, mlp_dim=96, rope_theta=10_000.0,
@@ -117,3 +117,10 @@ def test_presets_have_the_published_sizes():
     model = nnx.eval_shape(lambda arch=arch: llama.Llama(arch, rngs=nnx.Rngs(0)))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     assert n == pytest.approx(count, rel=2e-3), name
+
+
+def test_the_projection_fixture_switches_the_path(projection):
+  x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: layers.project('BTD,DF->BTF', x, w))(x, w))
+  # The CPU path flattens [B, T] into one matmul row axis; the einsum keeps them.
+  assert ('f32[6,4]' in jaxpr) == (projection == 'cpu_2d'), jaxpr

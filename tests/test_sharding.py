@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ftjax import data, sharding, train
 from ftjax.models import llama
@@ -73,6 +75,10 @@ def test_large_parameters_are_sharded():
   leaves = jax.tree.leaves(trainer.state.params)
   big = [x for x in leaves if x.size >= 4096]
   assert big
+  sharding.assert_sufficiently_sharded(trainer.state, min_bytes=4096 * 4)
+  replicated = jax.device_put(trainer.state.params, NamedSharding(trainer.mesh, P()))
+  with pytest.raises(AssertionError, match=f'{len(big)} arrays of >= 16384 bytes are not sharded'):
+    sharding.assert_sufficiently_sharded(replicated, min_bytes=4096 * 4)
   for x in big:
     assert not x.sharding.is_fully_replicated, x.shape
     assert x.addressable_shards[0].data.size < x.size

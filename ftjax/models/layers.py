@@ -62,6 +62,10 @@ def split_eqn(eqn: str) -> tuple[str, str, str]:
   return x, w, out
 
 
+# The CPU fast path of `project`; tests turn it off to run the TPU/GPU einsum path on CPU.
+CPU_2D_PROJECTION = True
+
+
 def project(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
   """`jnp.einsum(eqn, x, w)` for a projection `BT<in>,<w>->BT<out>` (`<w>` = `<in><out>` or
   `<out><in>`).
@@ -72,7 +76,8 @@ def project(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
   and which keeps every axis visible to the sharding propagation.
   """
   xs, ws, out = split_eqn(eqn)
-  if sharding.platform() != 'cpu' or xs[:2] != out[:2] or x.ndim != len(xs):
+  if (not CPU_2D_PROJECTION or sharding.platform() != 'cpu' or xs[:2] != out[:2]
+      or x.ndim != len(xs)):
     return jnp.einsum(eqn, x, w)
   n_in = len(xs) - 2
   if ws == xs[2:] + out[2:]:
