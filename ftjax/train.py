@@ -413,7 +413,8 @@ def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manage
   window_start, window_tokens, window_steps, logged = start, 0, 0, {}
   row_tokens = c_data.global_batch * c_data.seq_len
   preempted_at = None
-  first_bad, nonfinite_steps = jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32)
+  first_bad, nonfinite_steps = jax.device_put((np.int32(-1), np.int32(0)),
+                                              NamedSharding(trainer.mesh, P()))
   skip_nonfinite = c_train.nan_policy == 'skip_step'
 
   def check_finite(step: int) -> None:

@@ -112,3 +112,12 @@ def test_skipped_records_reach_metrics_and_summary(small_config, tmp_path, capsy
   assert summary['skipped_records']['unknown_format'] >= 1
   assert _rows(tmp_path / 'run')[-1]['skipped_records'] >= 2
   assert "skipped records {'bad_json'" in capsys.readouterr().out
+
+
+def test_a_run_makes_no_implicit_host_device_copies(small_config, tmp_path):
+  # Every transfer in set-up, the loop, checkpoints and evals is an explicit device_put/get.
+  small_config.eval.every_steps = 2
+  small_config.ckpt.every_steps = 2
+  with jax.transfer_guard('disallow'):
+    summary = train.run(small_config, str(tmp_path))
+  assert summary['train_step_compiles'] == 1 and np.isfinite(summary['final_loss'])
