@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_demo_accuracy_rises(tmp_path):
   # The demo as shipped (1000 steps) on one CPU device. Its learning curve turns sharply
   # somewhere after step 500, and where exactly moves with the CPU's floating-point rounding
