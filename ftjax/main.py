@@ -193,7 +193,7 @@ def _data(argv: list[str]) -> None:
   import json
 
   from ftjax import data, train
-  from ftjax.data import tools
+  from ftjax.data import bench as data_bench
 
   action = argv[1] if len(argv) == 2 else None
   if action == 'prepare':
@@ -210,7 +210,7 @@ def _data(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
       train.validate(config)
-      result = tools.bench(train.train_sources(config.data), train.data_options(config),
+      result = data_bench.bench(train.train_sources(config.data), train.data_options(config),
                            global_batch=config.data.global_batch, seed=config.train.seed,
                            pack=config.data.pack, workers=config.data.workers,
                            batches=_BATCHES.value)

@@ -1,4 +1,4 @@
-"""`ftjax data prepare` (any source -> ArrayRecord) and `ftjax data bench` (pipeline tokens/s)."""
+"""`ftjax data bench`: tokens/s of the input pipeline alone, without a model."""
 
 from __future__ import annotations
 
