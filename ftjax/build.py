@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ftjax import checkpoint, lora, pretrained, quantize, sharding, tokenizer
+from ftjax import checkpoint, lora, peft_io, pretrained, quantize, sharding, tokenizer
 from ftjax.errors import UserError
 from ftjax.models import llama
 
@@ -41,7 +41,7 @@ def model(arch: llama.Config, *, model_options: dict[str, Any], mesh: jax.shardi
     nnx.update(module, jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules)))
   if lora_options.get('adapter'):
     # Continue training a PEFT adapter.
-    lora.load_peft(module, lora_options['adapter'], dropout=lora_options.get('dropout', 0.0))
+    peft_io.load(module, lora_options['adapter'], dropout=lora_options.get('dropout', 0.0))
   else:
     lora.apply(module, rank=lora_options['rank'], alpha=lora_options['alpha'],
                targets=lora_options['targets'], use_rslora=lora_options['use_rslora'],

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ftjax import build, lora, tokenizer, weights
+from ftjax import build, lora, peft_io, tokenizer, weights
 from ftjax.errors import UserError
 
 FORMATS = ('hf', 'peft')
@@ -102,7 +102,7 @@ def _write(workdir: str, run: dict[str, Any], out_dir: str, *, fmt: str, dtype: 
   module = build.from_run(workdir, run, step=step)
   base = run['model']['pretrained']
   if fmt == 'peft':
-    lora.save_peft(module, out_dir, base_model=base)
+    peft_io.save(module, out_dir, base_model=base)
     return
   if merge:
     lora.merge(module)

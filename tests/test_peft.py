@@ -10,7 +10,7 @@ from test_weights import hf_logits
 
 import ftjax
 import ftjax.export
-from ftjax import lora, train
+from ftjax import lora, peft_io, train
 
 TOKENS = np.random.default_rng(0).integers(0, 320, size=(2, 24))
 
@@ -58,7 +58,7 @@ def test_peft_adapter_loads_into_ftjax_with_the_same_logits(hf_folder, tmp_path,
   with torch.no_grad():
     want = theirs(torch.tensor(TOKENS)).logits.float().numpy()
   model = ftjax.load_pretrained(hf_folder)
-  lora.load_peft(model, str(tmp_path / 'adapter'))
+  peft_io.load(model, str(tmp_path / 'adapter'))
   assert sorted(lora.adapters(model)) == ['attn.q', 'attn.v', 'mlp.down']
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), want, atol=1e-4)
 

@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 
 import ftjax
-from ftjax import lora, sharding, weights
+from ftjax import lora, peft_io, sharding, weights
 
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -133,7 +133,7 @@ def test_lora_on_biased_o_matches_peft_and_keeps_the_bias_frozen(use_dora, tmp_p
   theirs.save_pretrained(str(tmp_path / 'adapter'))
   want = hf_logits(theirs, TOKENS)
   model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
-  lora.load_peft(model, str(tmp_path / 'adapter'))
+  peft_io.load(model, str(tmp_path / 'adapter'))
   assert sorted(lora.adapters(model)) == ['attn.o']
   trainable = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
   assert not any('o_bias' in path for path, _ in trainable)
