@@ -323,20 +323,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
   run_dir = workdir_lib.RunDir(workdir, resume=config.ckpt.resume,
                                overwrite=config.ckpt.overwrite)
-  try:
-    return _run(config, workdir, arch, run_dir)
-  finally:
-    run_dir.release()
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
-         run_dir: workdir_lib.RunDir) -> dict[str, Any]:
   # Signals are handled from here on: one during set-up stops the run before its first step.
   preemption = resume.Preemption()
   try:
     return _start(config, workdir, arch, run_dir, preemption)
   finally:
     preemption.close()
+    run_dir.release()
 
 
 def _start(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,

@@ -145,13 +145,12 @@ def flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """One line per key whose value differs between a checkpoint's config and this run's."""
+  # JSON gives lists where the live config holds tuples (mesh.shape): compare them as lists.
+  plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
   before, after = flat(saved), flat(current)
   lines = []
   for key in sorted(set(before) | set(after)):
-    old, new = before.get(key, '<unset>'), after.get(key, '<unset>')
-    if isinstance(old, list) or isinstance(new, list):
-      old, new = (list(old) if isinstance(old, (list, tuple)) else old,
-                  list(new) if isinstance(new, (list, tuple)) else new)
+    old, new = plain(before.get(key, '<unset>')), plain(after.get(key, '<unset>'))
     if old != new:
       lines.append(f'resume: {key} changed since the checkpoint: {old!r} -> {new!r}')
   return lines
