@@ -14,7 +14,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from ftjax import data, sharding, throughput, train
+from ftjax import config as cfg_lib
+from ftjax import data, sharding, throughput
+from ftjax import trainer as trainer_lib
 
 
 def synthetic_batch(global_batch: int, seq_len: int, vocab: int, batch_sharding,
@@ -47,31 +49,26 @@ def _device_peak_bytes() -> int | None:
 
 
 def trainer_for(config: ml_collections.ConfigDict, *, abstract: bool = False,
-                devices=None) -> tuple[Any, train.Trainer]:
-  """The architecture and the trainer `ftjax train` would build, with random weights.
+                devices=None) -> tuple[cfg_lib.Resolved, trainer_lib.Trainer]:
+  """The resolved config and the trainer `ftjax train` would build, with random weights.
 
   A `model.pretrained` folder contributes its architecture, not its weights (the step's cost
-  does not depend on them, and reading them would dominate the benchmark).
+  does not depend on them, and reading them would dominate the benchmark). A PEFT adapter is
+  replaced by fresh adapters (the same shapes when lora.rank matches the adapter's).
   """
-  arch = train.validate(config, need_data=False)
-  trainer = train.setup_from_config(config, arch, pretrained_path='', lora=_fresh_lora(config),
-                                    abstract=abstract, devices=devices)
-  return arch, trainer
-
-
-def _fresh_lora(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  options = train.lora_options(config.lora)
-  if options and options.get('adapter'):
-    options = {**options, 'adapter': ''}  # same shapes when lora.rank matches the adapter's
-  return options
+  r = cfg_lib.resolve(config, check_files=False)
+  trainer = trainer_lib.from_resolved(r, pretrained_path='',
+                                      lora_options=r.lora and r.lora.fresh(),
+                                      abstract=abstract, devices=devices)
+  return r, trainer
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
   """Times `steps` train steps after `warmup` ones; returns the figures `ftjax bench` prints."""
-  arch, trainer = trainer_for(config)
-  c_data = config.data
+  r, trainer = trainer_for(config)
+  arch, c_data, c_model = r.model.arch, r.data, r.model
   batch = synthetic_batch(c_data.global_batch, c_data.seq_len, arch.vocab_size,
-                          trainer.batch_sharding, seed=config.train.seed)
+                          trainer.batch_sharding, seed=r.train.seed)
   with sharding.use(trainer.mesh, trainer.rules):
     start = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
@@ -87,8 +84,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
   tokens = c_data.global_batch * c_data.seq_len
   flops = throughput.train_flops(
       arch, tokens=tokens, lengths=[c_data.seq_len] * c_data.global_batch,
-      adapter_params=train.trained_adapters(config, trainer))
-  peak = throughput.peak(dtype=train.DTYPES[config.model.dtype])
+      adapter_params=trainer_lib.trained_adapters(trainer))
+  peak = throughput.peak(dtype=cfg_lib.DTYPES[c_model.dtype])
   median = statistics.median(times)
   n_devices = trainer.mesh.size
   trainable = sharding.count_params(state.params)
@@ -113,7 +110,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       mesh=dict(trainer.mesh.shape),
       shapes=dict(global_batch=c_data.global_batch, seq_len=c_data.seq_len,
                   layers=arch.num_layers, embed_dim=arch.embed_dim, vocab_size=arch.vocab_size,
-                  dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                  remat=config.model.remat, attention=config.model.attention,
-                  loss_chunk=config.model.loss_chunk, lora_rank=config.lora.rank),
+                  dtype=c_model.dtype, param_dtype=c_model.param_dtype, remat=c_model.remat,
+                  attention=c_model.attention, loss_chunk=c_model.loss_chunk,
+                  lora_rank=r.lora.rank if r.lora else 0),
   )

@@ -1,7 +1,8 @@
-"""Config checks and unpacking: the `ml_collections` config -> validated keyword arguments.
+"""`resolve(config) -> Resolved`: the one place a config is checked and turned into frozen, typed
+sections that library code takes, and the `resolved` block of a run's config.json read back.
 
-`configs/base.py` is the schema (every key ftjax knows); `validate` checks what its type lock
-cannot, and the helpers turn config sections into the explicit arguments library code takes.
+The schema (every key and its default) is `ftjax.schema`; `resolve` checks what its type lock
+cannot and fills in what a key implies (the architecture of a pretrained folder, the tokenizer).
 """
 
 from __future__ import annotations
@@ -13,26 +14,216 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import data, evals, models, pretrained, quantize, tokenizer, weights
-from ftjax.errors import UserError
-from ftjax.models import llama
+from ftjax import data, evals, lora, models, quantize, schema, tokenizer, workdir
+from ftjax.errors import CheckpointError, UserError
+from ftjax.hf import pretrained
+from ftjax.models import layers
 
 DTYPES = pretrained.DTYPES
+# model.attention: XLA everywhere; cuDNN flash (GPU) and Pallas splash (TPU) fall back to XLA,
+# with a logged message, on other platforms.
+ATTENTION = ('xla', 'cudnn', 'splash')
 
 
 class ConfigError(UserError):
   """A config value is invalid; the message names the key."""
 
 
-# model.attention: XLA everywhere; cuDNN flash (GPU) and Pallas splash (TPU) fall back to XLA,
-# with a logged message, on other platforms.
-ATTENTION = ('xla', 'cudnn', 'splash')
+def _frozen(cls):
+  return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
-def model_config(model: ml_collections.ConfigDict) -> llama.Config:
+@_frozen
+class Model:
+  arch: Any  # the family's Config
+  arch_name: str  # its name in ftjax.models.FAMILIES
+  preset: str
+  pretrained: str
+  dtype: str
+  param_dtype: str
+  remat: str
+  attention: str
+  loss_chunk: int
+
+  def options(self) -> dict[str, Any]:
+    """Keyword arguments of the family's `Model` besides the architecture."""
+    return dict(dtype=DTYPES[self.dtype], param_dtype=DTYPES[self.param_dtype], remat=self.remat,
+                attention_impl=self.attention)
+
+  def describe(self) -> str:
+    return f'{self.arch.family} from {self.pretrained}' if self.pretrained else self.preset
+
+
+@_frozen
+class Mesh:
+  shape: tuple[int, ...]
+  rules: str
+  num_slices: int
+
+
+@_frozen
+class Optim:
+  lr: float
+  schedule: str
+  warmup_steps: int
+  end_lr_ratio: float
+  weight_decay: float
+  decay_embeddings: bool
+  b1: float
+  b2: float
+  eps: float
+  clip_norm: float
+  grad_accum: int
+  steps: int  # train.steps: also the length of the schedule
+
+  def make_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of `ftjax.optim.make`."""
+    kw = dataclasses.asdict(self)
+    del kw['grad_accum']
+    kw['schedule_kind'] = kw.pop('schedule')
+    return kw
+
+
+@_frozen
+class Data:
+  sources: tuple[data.Source, ...]
+  eval_sources: tuple[data.Source, ...]
+  options: data.Options
+  global_batch: int
+  pack: bool
+  workers: int
+  prefetch: int
+  max_eval_examples: int
+
+  @property
+  def seq_len(self) -> int:
+    return self.options.seq_len
+
+
+@_frozen
+class Eval:
+  every_steps: int
+  generate_path: str
+  max_new_tokens: int
+  score_fn: str
+  num_samples: int
+  batch_size: int
+
+
+@_frozen
+class Ckpt:
+  every_steps: int
+  every_minutes: float
+  max_to_keep: int
+  keep_period: int
+  resume: str
+  async_save: bool
+  overwrite: bool
+
+
+@_frozen
+class Train:
+  steps: int
+  log_every: int
+  seed: int
+  progress: bool
+  stop_at_step: int
+  nan_policy: str
+  wandb_project: str
+
+  @property
+  def skip_nonfinite(self) -> bool:
+    return self.nan_policy == 'skip_step'
+
+
+@_frozen
+class Resolved:
+  """A checked config as the library takes it. `config` is the user's config as plain JSON."""
+
+  model: Model
+  mesh: Mesh
+  optim: Optim
+  lora: lora.Options | None  # None = full fine-tuning
+  data: Data
+  eval: Eval
+  ckpt: Ckpt
+  train: Train
+  config: dict[str, Any] = dataclasses.field(compare=False)
+
+  def to_json(self) -> dict[str, Any]:
+    """The `resolved` block of config.json (`from_json` reads it back)."""
+    out = {f.name: dataclasses.asdict(getattr(self, f.name)) if getattr(self, f.name) else None
+           for f in dataclasses.fields(self) if f.name != 'config'}
+    return out
+
+  @classmethod
+  def from_json(cls, block: dict[str, Any], config: dict[str, Any]) -> Resolved:
+    m = dict(block['model'])
+    m['arch'] = models.config_from_dict(m['arch_name'], m['arch'])
+    d = dict(block['data'])
+    d['sources'] = tuple(data.Source(**s) for s in d['sources'])
+    d['eval_sources'] = tuple(data.Source(**s) for s in d['eval_sources'])
+    d['options'] = data.Options(**d['options'])
+    c_lora = block['lora'] and {**block['lora'], 'targets': _targets(block['lora']['targets'])}
+    mesh = Mesh(**{**block['mesh'], 'shape': tuple(block['mesh']['shape'])})
+    return cls(model=Model(**m), mesh=mesh,
+               optim=Optim(**block['optim']), lora=lora.Options(**c_lora) if c_lora else None,
+               data=Data(**d), eval=Eval(**block['eval']), ckpt=Ckpt(**block['ckpt']),
+               train=Train(**block['train']), config=config)
+
+
+def _targets(targets: Any) -> str | tuple[str, ...]:
+  return targets if isinstance(targets, str) else tuple(targets)
+
+
+def _section(cls, c: ml_collections.ConfigDict, **extra: Any):
+  names = {f.name for f in dataclasses.fields(cls)} - set(extra)
+  return cls(**{n: c[n] for n in names}, **extra)
+
+
+def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
+            arch: Any = None) -> Resolved:
+  """Checks `config` and unpacks it; raises ConfigError naming the first bad key.
+
+  `check_files=False` skips the data files (bench, plan and a finished run's config do not
+  read them); `arch` (a family Config) replaces the architecture a run already resolved.
+  """
+  _check_keys(config, schema.defaults())
+  _check_values(config)
+  if check_files:
+    _check_files(config)
+  if arch is None:
+    arch = model_config(config.model)
+  c = config.model
+  model = Model(arch=arch, arch_name=models.arch_of(arch), preset=c.preset,
+                pretrained=c.pretrained, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat,
+                attention=c.attention, loss_chunk=c.loss_chunk)
+  c_data = config.data
+  options = data.Options(
+      tokenizer=c_data.tokenizer or c.pretrained or tokenizer.BYTE, seq_len=c_data.seq_len,
+      train_on=c_data.train_on, chat_template=c_data.chat_template,
+      on_bad_record=c_data.on_bad_record, on_too_long=c_data.on_too_long,
+      tfds_data_dir=c_data.tfds_data_dir)
+  return Resolved(
+      model=model, mesh=Mesh(shape=tuple(config.mesh.shape), rules=config.mesh.rules,
+                             num_slices=config.mesh.num_slices),
+      optim=_section(Optim, config.optim, steps=config.train.steps),
+      lora=lora_options(config.lora),
+      data=Data(sources=tuple(train_sources(c_data)) if check_files or _has_data(c_data) else (),
+                eval_sources=tuple(eval_sources(c_data)), options=options,
+                global_batch=c_data.global_batch, pack=c_data.pack, workers=c_data.workers,
+                prefetch=c_data.prefetch, max_eval_examples=c_data.max_eval_examples),
+      eval=_section(Eval, config.eval), ckpt=_section(Ckpt, config.ckpt),
+      train=_section(Train, config.train), config=config.to_dict())
+
+
+def _has_data(c_data: ml_collections.ConfigDict) -> bool:
+  return bool(c_data.path or c_data.sources)
+
+
+def model_config(model: ml_collections.ConfigDict) -> Any:
   """The architecture: the pretrained folder's, or `model.preset` plus any field set."""
-  fields = {f.name for f in dataclasses.fields(llama.Config)}
-  overrides = {k: v for k, v in model.items() if k in fields}
+  overrides = {k: v for k, v in model.items() if k in schema.arch_fields()}
   if model.pretrained:
     changed = sorted(k for k, v in overrides.items() if v is not None)
     if changed:
@@ -40,7 +231,7 @@ def model_config(model: ml_collections.ConfigDict) -> llama.Config:
                         'the architecture comes from its config.json')
     try:
       return pretrained.read_config(model.pretrained)
-    except weights.CheckpointError as e:
+    except CheckpointError as e:
       raise ConfigError(f'model.pretrained: {e}') from None
   try:
     return models.config_from_preset(model.preset, overrides)
@@ -48,46 +239,31 @@ def model_config(model: ml_collections.ConfigDict) -> llama.Config:
     raise ConfigError(e.args[0]) from None
 
 
-def lora_options(c_lora: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """The `lora` section as keyword arguments; None for full fine-tuning (rank 0)."""
+def lora_options(c_lora: ml_collections.ConfigDict) -> lora.Options | None:
+  """The `lora` section; None for full fine-tuning (rank 0, no adapter)."""
   if not c_lora.rank and not c_lora.adapter:
     return None
-  return dict(rank=c_lora.rank, alpha=c_lora.alpha, targets=c_lora.targets,
-              use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora, adapter=c_lora.adapter,
-              dropout=c_lora.dropout,
-              quantize_base=c_lora.quantize_base)
+  return lora.Options(rank=c_lora.rank, alpha=c_lora.alpha, targets=_targets(c_lora.targets),
+                      use_rslora=c_lora.use_rslora, use_dora=c_lora.use_dora,
+                      dropout=c_lora.dropout, quantize_base=c_lora.quantize_base,
+                      adapter=c_lora.adapter)
 
 
-def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
-  """data.tokenizer, else the pretrained folder's tokenizer, else the built-in byte one."""
-  return config.data.tokenizer or config.model.pretrained or tokenizer.BYTE
-
-
-def optim_kwargs(o: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-  return dict(lr=o.lr, steps=steps, warmup_steps=o.warmup_steps, schedule_kind=o.schedule,
-              end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-              eps=o.eps, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
-
-
-def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+def _check_keys(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,
                 prefix: str = '') -> None:
   for key in config:
-    if key not in schema:
+    if key not in known:
       raise ConfigError(f'config key {prefix + key!r} is not defined in configs/base.py; '
-                        f'known keys here: {sorted(schema.keys())}')
-    if isinstance(schema[key], ml_collections.ConfigDict):
-      _check_keys(config[key], schema[key], f'{prefix}{key}.')
+                        f'known keys here: {sorted(known.keys())}')
+    if isinstance(known[key], ml_collections.ConfigDict):
+      _check_keys(config[key], known[key], f'{prefix}{key}.')
 
 
-def validate(config: ml_collections.ConfigDict, need_data: bool = True) -> llama.Config:
-  """Checks values the type-locked config cannot; returns the resolved architecture."""
-  from configs import base  # the schema: every key ftjax knows
-
-  _check_keys(config, base.get_config())
+def _check_values(config: ml_collections.ConfigDict) -> None:
   choices = {
       'model.dtype': (config.model.dtype, tuple(DTYPES)),
       'model.param_dtype': (config.model.param_dtype, tuple(DTYPES)),
-      'model.remat': (config.model.remat, ('none', *llama.REMAT_POLICIES)),
+      'model.remat': (config.model.remat, ('none', *layers.REMAT_POLICIES)),
       'model.attention': (config.model.attention, ATTENTION),
       'optim.schedule': (config.optim.schedule, ('cosine', 'linear', 'constant')),
       'data.train_on': (config.data.train_on, ('assistant', 'completion', 'all')),
@@ -118,16 +294,6 @@ def validate(config: ml_collections.ConfigDict, need_data: bool = True) -> llama
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f'{key}={value} must be >= 1')
-  _validate_eval(config)
-  if config.model.pretrained and not os.path.isdir(config.model.pretrained):
-    raise ConfigError(f'model.pretrained={config.model.pretrained!r}: folder not found')
-  for source in (train_sources(config.data) + eval_sources(config.data)) if need_data else ():
-    if not source.path.startswith(('tfds://', 'gs://')) and not glob.glob(source.path + '*'):
-      raise ConfigError(f'data source {source.path!r}: file not found')
-  return model_config(config.model)
-
-
-def _validate_eval(config: ml_collections.ConfigDict) -> None:
   c = config.eval
   if c.every_steps < 0 or (c.every_steps and c.every_steps % config.train.log_every):
     raise ConfigError(f'eval.every_steps={c.every_steps} must be 0 or a multiple of '
@@ -142,22 +308,14 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
       evals.score_function(c.score_fn)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  if config.model.pretrained and not os.path.isdir(config.model.pretrained):
+    raise ConfigError(f'model.pretrained={config.model.pretrained!r}: folder not found')
 
 
-def generation_eval(config: ml_collections.ConfigDict) -> evals.GenerationEval | None:
-  """The generation-based eval `eval.generate_path` asks for, prompts tokenized; or None."""
-  c = config.eval
-  if not c.generate_path:
-    return None
-  encoder = data.formats.Encoder(tokenizer_spec(config), train_on=config.data.train_on,
-                                 chat_template=config.data.chat_template)
-  try:
-    return evals.GenerationEval.load(
-        c.generate_path, encoder, score_fn=c.score_fn, max_new_tokens=c.max_new_tokens,
-        batch_size=c.batch_size, num_samples=c.num_samples,
-        max_examples=config.data.max_eval_examples)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+def _check_files(config: ml_collections.ConfigDict) -> None:
+  for source in train_sources(config.data) + eval_sources(config.data):
+    if not source.path.startswith(('tfds://', 'gs://')) and not glob.glob(source.path + '*'):
+      raise ConfigError(f'data source {source.path!r}: file not found')
 
 
 def train_sources(c_data: ml_collections.ConfigDict) -> list[data.Source]:
@@ -177,8 +335,40 @@ def eval_sources(c_data: ml_collections.ConfigDict) -> list[data.Source]:
   return [data.Source(c_data.eval_path)] if c_data.eval_path else []
 
 
-def data_options(config: ml_collections.ConfigDict) -> data.Options:
-  c = config.data
-  return data.Options(tokenizer=tokenizer_spec(config), seq_len=c.seq_len, train_on=c.train_on,
-                      chat_template=c.chat_template, on_bad_record=c.on_bad_record,
-                      on_too_long=c.on_too_long, tfds_data_dir=c.tfds_data_dir)
+def generation_eval(r: Resolved) -> evals.GenerationEval | None:
+  """The generation-based eval `eval.generate_path` asks for, prompts tokenized; or None."""
+  if not r.eval.generate_path:
+    return None
+  encoder = data.formats.Encoder(r.data.options.tokenizer, train_on=r.data.options.train_on,
+                                 chat_template=r.data.options.chat_template)
+  try:
+    return evals.GenerationEval.load(
+        r.eval.generate_path, encoder, score_fn=r.eval.score_fn,
+        max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size,
+        num_samples=r.eval.num_samples, max_examples=r.data.max_eval_examples)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def run_json(r: Resolved) -> dict[str, Any]:
+  """What `ftjax train` writes as config.json: the user's config, the architecture it resolved
+  to (`resolved_model`, `resolved_arch`), and every resolved section (`resolved`)."""
+  return {**r.config, 'resolved_model': dataclasses.asdict(r.model.arch),
+          'resolved_arch': r.model.arch_name, 'resolved': r.to_json()}
+
+
+def from_run_json(run: dict[str, Any]) -> Resolved:
+  """The Resolved a run's config.json holds (`run`: the file's contents).
+
+  Run directories written before the `resolved` block are resolved again from their config,
+  with the architecture they recorded.
+  """
+  config = {k: v for k, v in run.items() if k not in ('resolved', 'resolved_model',
+                                                      'resolved_arch')}
+  if 'resolved' in run:
+    return Resolved.from_json(run['resolved'], config)
+  merged = schema.defaults()
+  merged.unlock()
+  merged.update_from_flattened_dict(workdir.flat(config))
+  arch = models.config_from_dict(run.get('resolved_arch', 'llama'), run['resolved_model'])
+  return resolve(merged, check_files=False, arch=arch)

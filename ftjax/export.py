@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
 
 import jax
 from flax import nnx
 
-from ftjax import build, lora, peft_io, tokenizer, weights
+from ftjax import config as config_lib
+from ftjax import lora, peft_io, tokenizer, trained
 from ftjax.errors import UserError
+from ftjax.hf import weights
 
 FORMATS = ('hf', 'peft')
 
@@ -28,7 +29,7 @@ def _within(path: str, folder: str) -> bool:
   return os.path.commonpath([path, folder]) == folder
 
 
-def check_out(workdir: str, out_dir: str, run: dict[str, Any], *, overwrite: bool) -> None:
+def check_out(workdir: str, out_dir: str, r: config_lib.Resolved, *, overwrite: bool) -> None:
   """Raises `ExportError` unless writing the export of `run` to `out_dir` is safe.
 
   Paths are compared as real paths (symlinks resolved). The run's inputs are refused even with
@@ -38,9 +39,9 @@ def check_out(workdir: str, out_dir: str, run: dict[str, Any], *, overwrite: boo
   """
   out = os.path.realpath(out_dir)
   inputs = [('the run directory', '--workdir', workdir),
-            ("the run's base model folder", 'model.pretrained', run['model']['pretrained']),
-            ("the run's PEFT adapter folder", 'lora.adapter', run['lora'].get('adapter', '')),
-            ("the run's tokenizer folder", 'data.tokenizer', run['data']['tokenizer'])]
+            ("the run's base model folder", 'model.pretrained', r.model.pretrained),
+            ("the run's PEFT adapter folder", 'lora.adapter', r.lora.adapter if r.lora else ''),
+            ("the run's tokenizer folder", 'data.tokenizer', r.data.options.tokenizer)]
   for what, key, path in inputs:
     if not path or not os.path.exists(path):  # e.g. no adapter, or the byte tokenizer
       continue
@@ -71,12 +72,11 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   """
   if fmt not in FORMATS:
     raise ValueError(f'--format={fmt!r}; expected one of {FORMATS}')
-  run = build.read_run(workdir)
-  lora_options = build.run_lora_options(run)
-  if fmt == 'peft' and lora_options is None:
+  r = trained.read_run(workdir)
+  if fmt == 'peft' and r.lora is None:
     raise ValueError(f'{workdir} is a full fine-tuning run (lora.rank=0): export it with '
                      '--format hf')
-  check_out(workdir, out_dir, run, overwrite=overwrite)
+  check_out(workdir, out_dir, r, overwrite=overwrite)
   # With a symlinked --out, the folder it points to is replaced, not the link.
   final = os.path.realpath(out_dir)
   # A sibling, so the closing rename stays on one filesystem (atomic). Only process 0 writes
@@ -86,8 +86,7 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   if writer:
     shutil.rmtree(partial, ignore_errors=True)  # a crashed export's leftovers with our pid
   try:
-    _write(workdir, run, partial, fmt=fmt, dtype=dtype, step=step,
-           merge=lora_options is not None)
+    _write(workdir, r, partial, fmt=fmt, dtype=dtype, step=step)
   except BaseException:
     if writer:
       shutil.rmtree(partial, ignore_errors=True)
@@ -97,16 +96,16 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   return out_dir
 
 
-def _write(workdir: str, run: dict[str, Any], out_dir: str, *, fmt: str, dtype: str,
-           step: int | None, merge: bool) -> None:
-  module = build.from_run(workdir, run, step=step)
-  base = run['model']['pretrained']
+def _write(workdir: str, r: config_lib.Resolved, out_dir: str, *, fmt: str, dtype: str,
+           step: int | None) -> None:
+  module = trained.from_run(workdir, r, step=step)
+  base = r.model.pretrained
   if fmt == 'peft':
     peft_io.save(module, out_dir, base_model=base)
     return
-  if merge:
+  if r.lora is not None:
     lora.merge(module)
-  source = build.run_tokenizer(run)
+  source = r.data.options.tokenizer
   folder = source if os.path.isdir(source) else None
   weights.save(nnx.state(module, nnx.Param), module.cfg, out_dir, dtype=dtype, tokenizer_dir=folder)
   if folder is None and jax.process_index() == 0:

@@ -22,9 +22,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int
 
-from ftjax import sharding
+from ftjax import models, sharding
 from ftjax.errors import UserError
-from ftjax.models import llama
 
 MIN_BUCKET = 16
 
@@ -102,7 +101,7 @@ def memory_available() -> Memory | None:
   return None
 
 
-def cache_bytes(cfg: llama.Config, *, batch: int, prompt_length: int, max_new_tokens: int,
+def cache_bytes(cfg: Any, *, batch: int, prompt_length: int, max_new_tokens: int,
                 dtype: Any) -> int:
   """Bytes of the keys and values `generate` allocates for `batch` rows (all batch shards)."""
   length = bucket(prompt_length) + max_new_tokens
@@ -110,7 +109,7 @@ def cache_bytes(cfg: llama.Config, *, batch: int, prompt_length: int, max_new_to
           * jnp.dtype(dtype).itemsize)
 
 
-def check_cache_fits(cfg: llama.Config, *, batch: int, prompt_length: int, max_new_tokens: int,
+def check_cache_fits(cfg: Any, *, batch: int, prompt_length: int, max_new_tokens: int,
                      dtype: Any, batch_shards: int = 1, memory: Memory | None = None,
                      flag_names: bool = False) -> None:
   """Raises `GenerationError` if the KV cache alone cannot fit in memory.
@@ -202,14 +201,15 @@ def _decode_loop(state: nnx.State, tokens: Int[Array, 'B T'], mask: Int[Array, '
                  cache_dtype: Any) -> Int[Array, 'B N']:
   """Prefill, then a `while_loop` of single-token steps until every row is done."""
 
-  def model() -> llama.Llama:
+  def model() -> nnx.Module:
     # Fresh Variables at the current trace level: the layer scan refuses outer-level ones.
     return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
 
   batch, length = tokens.shape
   positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=1) - 1, -1).astype(jnp.int32)
   lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
-  cache = llama.KVCache.empty(model().cfg, batch, length + max_new_tokens, cache_dtype)
+  cfg = model().cfg
+  cache = models.family_of(cfg).KVCache.empty(cfg, batch, length + max_new_tokens, cache_dtype)
   last = jnp.argmax(jnp.where(mask > 0, jnp.arange(length)[None], -1), axis=1)
   logits, cache = model().decode(tokens, positions, cache, 0, prefill=True, last=last)
   pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -255,7 +255,7 @@ _decode_jit = jax.jit(_traced_decode_loop, static_argnames=(
     'cache_dtype'))
 
 
-def generate(model: llama.Llama, input_ids: Any, max_new_tokens: int = 32, temperature: float = 0.0,
+def generate(model: nnx.Module, input_ids: Any, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | Sequence[int] | None = None, *, prompt_mask: Any = None, pad_id: int = 0,
              mesh: jax.sharding.Mesh | None = None, rules: dict | None = None) -> jax.Array:
@@ -309,7 +309,7 @@ def generate(model: llama.Llama, input_ids: Any, max_new_tokens: int = 32, tempe
   return out[:batch]
 
 
-def complete(model: llama.Llama, prompts: list[list[int]], *, batch_size: int = 8,
+def complete(model: nnx.Module, prompts: list[list[int]], *, batch_size: int = 8,
              stop_ids: Sequence[int] = (), decode: Any = None, mesh=None, rules=None,
              **sampling: Any) -> list[dict[str, Any]]:
   """Generates after each prompt (token ids), `batch_size` at a time.

@@ -9,6 +9,7 @@ Full and LoRA fine-tuning share one training path; only the trainable filter dif
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -20,25 +21,44 @@ from flax import nnx
 from ftjax import quantize
 from ftjax.models import layers
 
-# Short names users write in `lora.targets`, and their paths in the model.
-MODULES = {
-    'q': 'attn.q', 'k': 'attn.k', 'v': 'attn.v', 'o': 'attn.o',
-    'gate': 'mlp.gate', 'up': 'mlp.up', 'down': 'mlp.down',
-}
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+  """The one schema of LoRA settings: the `lora` config section, a run's config.json, and a
+  PEFT adapter folder's adapter_config.json all become this."""
+
+  rank: int
+  alpha: float = 16.0
+  targets: str | tuple[str, ...] = 'all-linear'  # 'all-linear' | short names | a path regex
+  use_rslora: bool = False
+  use_dora: bool = False
+  dropout: float = 0.0
+  quantize_base: str | None = None  # None | 'int8' | 'int4': a frozen, quantized base
+  adapter: str = ''  # a PEFT adapter folder to start from (its settings win over the above)
+
+  def fresh(self) -> Options:
+    """The same adapters, freshly initialised (no PEFT folder): same shapes when ranks agree."""
+    return dataclasses.replace(self, adapter='')
 
 
-def target_regex(targets: str | list[str] | tuple[str, ...]) -> str:
-  """'all-linear', a list of short names (q, k, v, o, gate, up, down), or a regex over paths."""
+def _targets_of(model: nnx.Module) -> dict[str, str]:
+  from ftjax import models
+
+  return models.family_of(model.cfg).LORA_TARGETS
+
+
+def target_regex(targets: str | list[str] | tuple[str, ...], modules: dict[str, str]) -> str:
+  """'all-linear', a list of short names (`modules`: the family's LORA_TARGETS), or a regex."""
   if targets == 'all-linear':
-    targets = list(MODULES)
+    targets = list(modules)
   if isinstance(targets, str) and re.fullmatch(r'\w+(,\w+)*', targets):
     targets = targets.split(',')
   if isinstance(targets, (list, tuple)):
-    unknown = [t for t in targets if t not in MODULES]
+    unknown = [t for t in targets if t not in modules]
     if unknown:
-      raise ValueError(f'lora.targets: unknown modules {unknown}; choose from {list(MODULES)} '
+      raise ValueError(f'lora.targets: unknown modules {unknown}; choose from {list(modules)} '
                        "or 'all-linear', or give a regex over module paths")
-    return r'(' + '|'.join(re.escape(MODULES[t]) for t in targets) + r')$'
+    return r'(' + '|'.join(re.escape(modules[t]) for t in targets) + r')$'
   return targets
 
 
@@ -157,12 +177,13 @@ def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
 def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslora: bool = False,
           use_dora: bool = False, dropout: float = 0.0, seed: int = 0) -> list[str]:
   """Wraps every Einsum whose path matches `targets` in a LoRAEinsum; returns the wrapped paths."""
-  pattern = re.compile(target_regex(targets))
+  short = _targets_of(model)
+  pattern = re.compile(target_regex(targets, short))
   modules = _paths(model)
   chosen = sorted(p for p in modules if pattern.search(p))
   if not chosen:
     raise ValueError(f'lora.targets={targets!r} matches no module; the model has '
-                     f'{sorted(modules)} (short names: {list(MODULES)}, or "all-linear")')
+                     f'{sorted(modules)} (short names: {list(short)}, or "all-linear")')
   rngs = nnx.Rngs(seed)
   for path in chosen:
     parent, attr, base = modules[path]
@@ -191,3 +212,10 @@ def adapters(model: nnx.Module) -> dict[str, LoRAEinsum]:
       out['.'.join(str(p) for p in path[1:] if p != 'blocks') if path[0] == 'blocks'
           else '.'.join(map(str, path))] = node
   return out
+
+
+def apply_options(model: nnx.Module, options: Options, *, seed: int = 0) -> list[str]:
+  """`apply` with the settings of `options` (a PEFT `adapter` is loaded by peft_io instead)."""
+  return apply(model, rank=options.rank, alpha=options.alpha, targets=options.targets,
+               use_rslora=options.use_rslora, use_dora=options.use_dora,
+               dropout=options.dropout, seed=seed)

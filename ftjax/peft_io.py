@@ -4,7 +4,7 @@ there)."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,11 @@ class PeftError(UserError):
   """A PEFT adapter folder ftjax cannot use (the message names the folder and what is wrong)."""
 
 
-_HF_MODULES = {'attn.q': 'self_attn.q_proj', 'attn.k': 'self_attn.k_proj',
-               'attn.v': 'self_attn.v_proj', 'attn.o': 'self_attn.o_proj',
-               'mlp.gate': 'mlp.gate_proj', 'mlp.up': 'mlp.up_proj', 'mlp.down': 'mlp.down_proj'}
+def _hf_modules(model: nnx.Module) -> dict[str, str]:
+  """Module path -> Hugging Face module name, from the model's family."""
+  from ftjax import models
+
+  return models.family_of(model.cfg).PEFT_MODULES
 
 
 def save(model: nnx.Module, out_dir: str, *, base_model: str = '') -> None:
@@ -32,7 +34,7 @@ def save(model: nnx.Module, out_dir: str, *, base_model: str = '') -> None:
   from jax.experimental import multihost_utils
   from safetensors.numpy import save_file
 
-  found = lora.adapters(model)
+  found, hf_modules = lora.adapters(model), _hf_modules(model)
   first = next(iter(found.values()))
   rank, use_dora = first.rank, first.use_dora
   tensors = {}
@@ -41,7 +43,7 @@ def save(model: nnx.Module, out_dir: str, *, base_model: str = '') -> None:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32)
 
   for name, node in found.items():
-    module = _HF_MODULES[name]
+    module = hf_modules[name]
     a, b = host(node.a.get_value()), host(node.b.get_value())
     for i in range(a.shape[0]):
       key = f'base_model.model.model.layers.{i}.{module}'
@@ -53,7 +55,7 @@ def save(model: nnx.Module, out_dir: str, *, base_model: str = '') -> None:
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': rank,
       'lora_alpha': first.alpha, 'use_rslora': first.use_rslora, 'use_dora': use_dora,
       'lora_dropout': 0.0, 'bias': 'none', 'fan_in_fan_out': False,
-      'target_modules': sorted({_HF_MODULES[n].split('.')[-1] for n in found}),
+      'target_modules': sorted({hf_modules[n].split('.')[-1] for n in found}),
       'base_model_name_or_path': base_model or None, 'inference_mode': True,
   }
   if jax.process_index() == 0:
@@ -64,8 +66,8 @@ def save(model: nnx.Module, out_dir: str, *, base_model: str = '') -> None:
       json.dump(config, f, indent=2)
 
 
-def read_config(adapter_dir: str) -> dict[str, Any]:
-  """The LoRA settings of a PEFT adapter folder, as `apply` keyword arguments."""
+def read_config(adapter_dir: str, hf_modules: dict[str, str]) -> lora.Options:
+  """The LoRA settings of a PEFT adapter folder (`hf_modules`: the family's PEFT_MODULES)."""
   import json
   import os
 
@@ -73,16 +75,17 @@ def read_config(adapter_dir: str) -> dict[str, Any]:
     config = json.load(f)
   if config.get('peft_type') != 'LORA':
     raise PeftError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not LORA")
-  short = {v.split('.')[-1]: k.split('.')[-1] for k, v in _HF_MODULES.items()}
+  short = {v.split('.')[-1]: k.split('.')[-1] for k, v in hf_modules.items()}
   targets = config['target_modules']
   targets = list(short) if targets == 'all-linear' else targets
   unknown = sorted(set(targets) - set(short))
   if unknown or config.get('rank_pattern') or config.get('alpha_pattern'):
     raise PeftError(f'{adapter_dir}: unsupported adapter (modules {unknown}, or per-module '
                      'rank/alpha patterns)')
-  return dict(rank=config['r'], alpha=float(config['lora_alpha']),
-              targets=[short[t] for t in targets], use_rslora=bool(config.get('use_rslora')),
-              use_dora=bool(config.get('use_dora')))
+  return lora.Options(rank=config['r'], alpha=float(config['lora_alpha']),
+                      targets=tuple(short[t] for t in targets),
+                      use_rslora=bool(config.get('use_rslora')),
+                      use_dora=bool(config.get('use_dora')))
 
 
 def load(model: nnx.Module, adapter_dir: str, *, dropout: float = 0.0) -> None:
@@ -92,14 +95,15 @@ def load(model: nnx.Module, adapter_dir: str, *, dropout: float = 0.0) -> None:
   import numpy as np
   from safetensors.numpy import load_file
 
-  settings = read_config(adapter_dir)
-  lora.apply(model, **settings, dropout=dropout)
+  hf_modules = _hf_modules(model)
+  settings = dataclasses.replace(read_config(adapter_dir, hf_modules), dropout=dropout)
+  lora.apply_options(model, settings)
   tensors = load_file(os.path.join(adapter_dir, 'adapter_model.safetensors'))
   tensors = {k.replace('.default', ''): v for k, v in tensors.items()}
-  rank = settings['rank']
+  rank = settings.rank
   for name, node in lora.adapters(model).items():
     layers_n = node.a.shape[0]
-    keys = [f'base_model.model.model.layers.{i}.{_HF_MODULES[name]}' for i in range(layers_n)]
+    keys = [f'base_model.model.model.layers.{i}.{hf_modules[name]}' for i in range(layers_n)]
     try:
       a = np.stack([tensors[f'{k}.lora_A.weight'].T for k in keys])
       b = np.stack([tensors[f'{k}.lora_B.weight'].T for k in keys])
@@ -108,7 +112,7 @@ def load(model: nnx.Module, adapter_dir: str, *, dropout: float = 0.0) -> None:
     node.a.set_value(jnp.asarray(a.reshape(node.a.shape), node.a.get_value().dtype))
     node.b.set_value(jnp.asarray(b.reshape(layers_n, rank, *node.b.shape[2:]),
                                  node.b.get_value().dtype))
-    if settings['use_dora']:
+    if settings.use_dora:
       m = np.stack([tensors[f'{k}.lora_magnitude_vector'] for k in keys])
       node.magnitude.set_value(jnp.asarray(m.reshape(node.magnitude.shape),
                                            node.magnitude.get_value().dtype))

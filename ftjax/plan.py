@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from ftjax import bench, sharding
+from ftjax.config import Resolved
 from ftjax.errors import UserError
 
 # libtpu on a machine without TPUs: no metadata-server lookups and no exclusive lock (a
@@ -98,8 +99,9 @@ def run(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   """Per-device HBM of the config's train step on `topology`; fits or not, and what to change."""
   chip, devices = topology_devices(topology)
   start = time.perf_counter()
-  arch, trainer = bench.trainer_for(config, abstract=True, devices=devices)
-  shape = (config.data.global_batch, config.data.seq_len)
+  r, trainer = bench.trainer_for(config, abstract=True, devices=devices)
+  arch = r.model.arch
+  shape = (r.data.global_batch, r.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=trainer.batch_sharding)
            for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
   with sharding.use(trainer.mesh, trainer.rules):
@@ -127,12 +129,12 @@ def run(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       headroom_bytes=chip.hbm_bytes - per_device['total'],
       params=sharding.count_params(trainer.state.params) + sharding.count_params(trainer.frozen),
       trainable_params=sharding.count_params(trainer.state.params),
-      suggestions=suggestions(config, per_device, chip.hbm_bytes, trainer.mesh),
+      suggestions=suggestions(r, per_device, chip.hbm_bytes, trainer.mesh),
       compile_s=time.perf_counter() - start,
-      model=dict(preset=config.model.preset, layers=arch.num_layers, embed_dim=arch.embed_dim,
-                 global_batch=shape[0], seq_len=shape[1], remat=config.model.remat,
-                 lora_rank=config.lora.rank, param_dtype=config.model.param_dtype,
-                 dtype=config.model.dtype),
+      model=dict(preset=r.model.preset, layers=arch.num_layers, embed_dim=arch.embed_dim,
+                 global_batch=shape[0], seq_len=shape[1], remat=r.model.remat,
+                 lora_rank=r.lora.rank if r.lora else 0, param_dtype=r.model.param_dtype,
+                 dtype=r.model.dtype),
   )
 
 
@@ -142,7 +144,7 @@ def _per_device_bytes(tree: Any) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def suggestions(config: ml_collections.ConfigDict, per_device: dict[str, int], hbm: int,
+def suggestions(r: Resolved, per_device: dict[str, int], hbm: int,
                 mesh: jax.sharding.Mesh) -> list[str]:
   """Knobs that shrink whichever part of the memory dominates, largest effect first."""
   out = []
@@ -153,24 +155,24 @@ def suggestions(config: ml_collections.ConfigDict, per_device: dict[str, int], h
   if temps >= args:
     lighter = {'none': "dots (keep matmul outputs) or full (keep layer inputs only)",
                'dots': "offload (matmul outputs in host memory) or full",
-               'offload': 'full'}.get(config.model.remat)
+               'offload': 'full'}.get(r.model.remat)
     if lighter:
       out.append(f'{over}; activations dominate ({temps / 2**30:.1f} GiB): '
                  f'--config.model.remat={lighter}')
-    rows = config.data.global_batch // max(sharding.batch_shards(mesh, sharding.get_rules(
-        config.mesh.rules)), 1)
+    rows = r.data.global_batch // max(sharding.batch_shards(mesh, sharding.get_rules(
+        r.mesh.rules)), 1)
     if rows > 1:
       out.append(f'{rows} rows per device: halve data.global_batch and double '
                  'optim.grad_accum (same optimizer batch, half the activations)')
-    if config.model.loss_chunk == 0 or config.model.loss_chunk > 256:
+    if r.model.loss_chunk == 0 or r.model.loss_chunk > 256:
       out.append('--config.model.loss_chunk=256: smaller LM-head chunks')
   else:
-    if not config.lora.rank:
+    if not r.lora:
       out.append(f'{over}; weights and optimizer state dominate ({args / 2**30:.1f} GiB): '
                  'LoRA (--config.lora.rank=16) keeps optimizer state only for the adapters')
-    elif not config.lora.quantize_base:
+    elif not r.lora.quantize_base:
       out.append(f"{over}: --config.lora.quantize_base='int8' stores the frozen base in 8 bits")
-    if config.model.param_dtype == 'float32':
+    if r.model.param_dtype == 'float32':
       out.append('--config.model.param_dtype=bfloat16 halves the stored weights')
     fsdp = mesh.shape['fsdp']
     if mesh.shape['data'] > 1:

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import ml_collections
 
 from ftjax import checkpoint, data, workdir
+from ftjax import config as config_lib
 
 EXIT_RESTART = 75  # EX_TEMPFAIL: preempted after a committed save; run the command again
 
@@ -89,27 +89,27 @@ class Start:
   notes: list[str] = dataclasses.field(default_factory=list)  # lines to print at start-up
 
 
-def _manager(config: ml_collections.ConfigDict, run_dir: str) -> checkpoint.Manager:
-  c = config.ckpt
+def _manager(r: config_lib.Resolved, run_dir: str) -> checkpoint.Manager:
+  c = r.ckpt
   return checkpoint.Manager(checkpoint.directory(run_dir), every_steps=c.every_steps,
                             every_minutes=c.every_minutes, max_to_keep=c.max_to_keep or None,
                             keep_period=c.keep_period or None, async_save=c.async_save)
 
 
-def restore_or_start(config: ml_collections.ConfigDict, run_dir: str, trainer: Any,
+def restore_or_start(r: config_lib.Resolved, run_dir: str, trainer: Any,
                      train_iter: data.TrainData) -> Start:
   """The run's checkpoint manager, and the newest intact checkpoint restored into `trainer`.
 
   Reads only: corrupt checkpoints are reported in `Start.corrupt` for the caller to move
   aside once the run is known to be valid.
   """
-  manager = _manager(config, run_dir)
-  if config.ckpt.resume == 'never':
+  manager = _manager(r, run_dir)
+  if r.ckpt.resume == 'never':
     return Start(manager)
-  if config.ckpt.resume == 'auto':
+  if r.ckpt.resume == 'auto':
     source, candidates = manager, manager.all_steps()[::-1]
   else:
-    root, step = checkpoint.find_step_dir(config.ckpt.resume)
+    root, step = checkpoint.find_step_dir(r.ckpt.resume)
     source = checkpoint.Manager(root, max_to_keep=None)
     candidates = [step] if step != source.latest_step() else source.all_steps()[::-1]
   if not candidates:
@@ -146,8 +146,8 @@ def restore_or_start(config: ml_collections.ConfigDict, run_dir: str, trainer: A
     start.notes.append(f'checkpoint {step} is damaged ({problem}); it will be moved to '
                        f'checkpoints_corrupt/ and the run resumes from step {start.step}')
   saved_config = source.metadata(start.step).get('config') or {}
-  start.notes += workdir.config_changes(saved_config, config.to_dict())
-  _keep_data_position(saved_config, config, train_iter, start)
+  start.notes += workdir.config_changes(saved_config, r.config)
+  _keep_data_position(saved_config, r.data, train_iter, start)
   newer = [s for s in manager.all_steps() if s > start.step and s not in dict(start.corrupt)]
   if newer:
     start.notes.append(f'resuming from step {start.step}: the newer checkpoints {newer} will be '
@@ -161,15 +161,15 @@ def _first_line(e: Exception) -> str:
   return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
 
 
-def _keep_data_position(saved: dict[str, Any], config: ml_collections.ConfigDict,
-                        train_iter: data.TrainData, start: Start) -> None:
+def _keep_data_position(saved: dict[str, Any], c_data: config_lib.Data, train_iter: data.TrainData,
+                        start: Start) -> None:
   """A changed global batch keeps the position in records, not in batches."""
   before = (saved.get('data') or {}).get('global_batch')
-  after = config.data.global_batch
+  after = c_data.global_batch
   if not before or before == after:
     return
   state = train_iter.get_state()
-  if config.data.pack or set(state) != {'next_index'}:
+  if c_data.pack or set(state) != {'next_index'}:
     start.notes.append(f'data.global_batch changed {before} -> {after} on packed data: the '
                        'position is kept at the start of the packing round in progress, so a '
                        'few documents may be seen twice')

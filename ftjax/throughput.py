@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from ftjax.models import llama
 
 # Dense bf16 peak FLOP/s per JAX device, matched against `device.device_kind` (first match wins,
 # so longer names come first). TPU v4 and v5p devices are megacore chips (one device per chip).
@@ -45,7 +44,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def matmul_params(arch: llama.Config) -> int:
+def matmul_params(arch: Any) -> int:
   """Weights that take part in matmuls: attention, MLP and LM head (tied or not)."""
   d, n, k, h, f = arch.embed_dim, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
   per_layer = 2 * d * n * h + 2 * d * k * h + 3 * d * f
@@ -83,7 +82,7 @@ class StepFlops:
     return self.weights + self.attention
 
 
-def train_flops(arch: llama.Config, *, tokens: float, lengths: Sequence[int] | np.ndarray,
+def train_flops(arch: Any, *, tokens: float, lengths: Sequence[int] | np.ndarray,
                 adapter_params: int | None = None) -> StepFlops:
   """Model FLOPs of one training step over `tokens` tokens in segments of `lengths`.
 
@@ -154,7 +153,7 @@ def adapter_params(params) -> int:
 class Meter:
   """Accumulates a log window's tokens and model FLOPs from each batch's segment ids."""
 
-  def __init__(self, arch: llama.Config, *, num_devices: int, adapter_params: int | None,
+  def __init__(self, arch: Any, *, num_devices: int, adapter_params: int | None,
                compute_dtype=jnp.bfloat16):
     self.arch, self.num_devices, self.adapters = arch, num_devices, adapter_params
     self.peak = peak(dtype=compute_dtype)

@@ -1,286 +1,29 @@
-"""TrainState, the jitted train/eval steps, and `run()`: the whole training loop, top to bottom."""
+"""`run()`: the training loop of `ftjax train`, top to bottom (resolve, set up, restore, loop).
+
+The jitted core is `ftjax.step`, the sharded set-up `ftjax.trainer`; this module owns the order
+of things: nothing is written into the workdir until every check has passed, a non-finite state
+is never saved, and a preemption saves and exits with `EXIT_RESTART`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftjax import (
-  build,
-  data,
-  evals,
-  losses,
-  metrics,
-  optim,
-  resume,
-  sharding,
-  throughput,
-)
+from ftjax import config as config_lib
+from ftjax import data, metrics, resume, sharding, throughput
+from ftjax import trainer as trainer_lib
 from ftjax import workdir as workdir_lib
-from ftjax.config import (  # noqa: F401  (re-exported: the config API users reach via train)
-  DTYPES,
-  ConfigError,
-  data_options,
-  eval_sources,
-  generation_eval,
-  lora_options,
-  model_config,
-  optim_kwargs,
-  tokenizer_spec,
-  train_sources,
-  validate,
-)
-from ftjax.models import llama
 from ftjax.version import __version__
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State  # the trainable variables only
-  opt_state: optax.OptState
-
-
-def _loss_and_stats(params, frozen, batch, *, graphdef, dropout_key=None, loss_chunk=0):
-  model = nnx.merge(graphdef, params, frozen)
-  hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
-                        dropout_key=dropout_key)
-  return losses.chunked_next_token_xent(hidden, batch['targets'], batch['loss_mask'],
-                                        model.logits, loss_chunk)
-
-
-def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-               dropout_key: jax.Array | None = None, loss_chunk: int = 0):
-  """Gradients of the summed masked loss, with that sum and the masked-token count."""
-
-  def sum_loss(params):
-    # Fresh Variables for the frozen weights at this trace level: NNX transforms inside the
-    # model (the layer scan) refuse Variables created outside the gradient trace.
-    stats = _loss_and_stats(params, jax.tree.map(lambda x: x, frozen), batch, graphdef=graphdef,
-                            dropout_key=dropout_key, loss_chunk=loss_chunk)
-    return stats['loss_sum'], stats['tokens']
-
-  (loss_sum, tokens), grads = jax.value_and_grad(sum_loss, has_aux=True)(params)
-  return grads, loss_sum, tokens
-
-
-def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int,
-               dropout_seed: int | None = None, loss_chunk: int = 0,
-               skip_nonfinite: bool = False):
-  """One optimizer step over the global batch, split into `grad_accum` microbatches.
-
-  Gradients are summed over all masked tokens of all microbatches, then divided by
-  their count, so accumulation gives the same update as one big batch. `finite` in the
-  metrics says whether loss and gradient norm were finite; with `skip_nonfinite` a step where
-  they were not keeps the old weights and optimizer state (only the step count advances).
-  """
-  # Dropout masks depend only on (seed, step, microbatch): a resumed run draws the same ones.
-  key = (None if dropout_seed is None
-         else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
-  if grad_accum == 1:
-    grads, loss_sum, tokens = loss_grads(state.params, frozen, batch, graphdef=graphdef,
-                                         dropout_key=key, loss_chunk=loss_chunk)
-  else:
-    # Row r goes to microbatch r % grad_accum: each device keeps its own rows.
-    micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-        batch)
-
-    def accumulate(carry, inputs):
-      microbatch, index = inputs
-      micro_key = None if key is None else jax.random.fold_in(key, index)
-      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef, dropout_key=micro_key,
-                       loss_chunk=loss_chunk)
-      return jax.tree.map(jnp.add, carry, out), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, zeros,
-                                                (micro, jnp.arange(grad_accum)))
-  scale = 1.0 / jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  loss, grad_norm = loss_sum * scale, optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  if skip_nonfinite:
-    keep = lambda new, old: jnp.where(finite, new, old)
-    params, opt_state = (jax.tree.map(keep, params, state.params),
-                         jax.tree.map(keep, opt_state, state.opt_state))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step), loss_tokens=tokens,
-             finite=finite)
-  return new_state, out
-
-
-def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-              loss_chunk: int = 0):
-  """Sums for held-out loss and exact match (every masked target is the argmax)."""
-  stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef, loss_chunk=loss_chunk)
-  has_target = stats['row_tokens'] > 0
-  exact = has_target & (stats['row_correct'] == stats['row_tokens'])
-  return dict(loss_sum=stats['loss_sum'], tokens=stats['tokens'],
-              examples=jnp.sum(has_target), exact=jnp.sum(exact))
-
-
-@dataclasses.dataclass
-class Trainer:
-  """What `setup` builds: the sharded state and the compiled steps over it."""
-
-  mesh: jax.sharding.Mesh
-  rules: dict
-  graphdef: Any
-  state: TrainState
-  frozen: nnx.State
-  train_step: Any
-  eval_step: Any
-  batch_sharding: NamedSharding
-  step_traces: list[int] = dataclasses.field(default_factory=list)  # one entry per trace
-
-
-def _counting(fn: Any, traces: list[int]) -> Any:
-  """`fn`, noting each time it is traced (jit traces once per new input signature)."""
-
-  @functools.wraps(fn)
-  def traced(*args, **kwargs):
-    traces.append(1)  # Python runs here only while jax traces, never per compiled call
-    return fn(*args, **kwargs)
-
-  return traced
-
-
-def setup(*, arch: llama.Config, model_options: dict[str, Any], mesh_shape, rules_name: str,
-          optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
-          pretrained_path: str = '', lora_options: dict[str, Any] | None = None,
-          num_slices: int = 1, devices=None, loss_chunk: int = 0,
-          skip_nonfinite: bool = False, abstract: bool = False) -> Trainer:
-  """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps.
-
-  `abstract=True` allocates nothing: the state and frozen weights are shape/dtype/sharding
-  structs, for compiling ahead of time (`ftjax plan`, memory analysis) on any `devices`.
-  """
-  try:
-    mesh = sharding.make_mesh(mesh_shape, devices, num_slices=num_slices)
-    rules = sharding.get_rules(rules_name)
-  except (sharding.MeshError, KeyError) as e:
-    raise ConfigError(e.args[0]) from None
-  shards = sharding.batch_shards(mesh, rules)
-  if grad_accum < 1 or global_batch % (shards * grad_accum):
-    raise ConfigError(
-        f'data.global_batch={global_batch} must be divisible by the {shards} batch shards of '
-        f'mesh {dict(mesh.shape)} times optim.grad_accum={grad_accum} '
-        f'(= {shards * grad_accum}).')
-  try:
-    if abstract:
-      model, trainable = build.abstract_model(arch, model_options=model_options, seed=seed,
-                                              lora_options=lora_options)
-    else:
-      model, trainable = build.model(arch, model_options=model_options, mesh=mesh, rules=rules,
-                                     seed=seed, pretrained_path=pretrained_path,
-                                     lora_options=lora_options)
-  except ValueError as e:
-    if 'lora.targets' not in str(e):
-      raise
-    raise ConfigError(str(e)) from None
-  graphdef, params, frozen = nnx.split(model, trainable, ...)
-  tx, lr_fn = optim.make(**optim_kwargs)
-
-  def init_state(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state, params)
-  state_sh = sharding.state_shardings(abstract_state, mesh, rules)
-  frozen_sh = sharding.state_shardings(frozen, mesh, rules)
-  if abstract:
-    state, frozen = _with_shardings(abstract_state, state_sh), _with_shardings(frozen, frozen_sh)
-  else:
-    state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  replicated = NamedSharding(mesh, P())
-  traces: list[int] = []
-  step = functools.partial(
-      train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
-      dropout_seed=seed if lora_options and lora_options['dropout'] else None,
-      loss_chunk=loss_chunk, skip_nonfinite=skip_nonfinite)
-  step_fn = jax.jit(
-      _counting(step, traces),
-      in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=loss_chunk),
-                    in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=replicated)
-  return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh, traces)
-
-
-def setup_from_config(config: ml_collections.ConfigDict, arch: llama.Config, *,
-                      pretrained_path: str | None = None, lora: dict[str, Any] | None = None,
-                      abstract: bool = False, devices=None) -> Trainer:
-  """`setup` with the arguments the config's sections give (what `ftjax train` builds).
-
-  `pretrained_path` (default: model.pretrained) and `lora` (default: the lora section) let
-  `ftjax bench` and `ftjax plan` build the same step with random weights and fresh adapters.
-  """
-  c_model = config.model
-  return setup(
-      arch=arch,
-      model_options=dict(dtype=DTYPES[c_model.dtype], param_dtype=DTYPES[c_model.param_dtype],
-                         remat=c_model.remat, attention_impl=c_model.attention),
-      mesh_shape=tuple(config.mesh.shape), rules_name=config.mesh.rules,
-      optim_kwargs=optim_kwargs(config.optim, config.train.steps),
-      grad_accum=config.optim.grad_accum, global_batch=config.data.global_batch,
-      seed=config.train.seed,
-      pretrained_path=c_model.pretrained if pretrained_path is None else pretrained_path,
-      lora_options=lora_options(config.lora) if lora is None else lora,
-      num_slices=config.mesh.num_slices, devices=devices, loss_chunk=c_model.loss_chunk,
-      skip_nonfinite=config.train.nan_policy == 'skip_step', abstract=abstract)
-
-
-def trained_adapters(config: ml_collections.ConfigDict, trainer: Trainer) -> int | None:
-  """LoRA adapter weights trained (for the MFU's LoRA correction); None for full fine-tuning."""
-  if lora_options(config.lora) is None:
-    return None
-  return throughput.adapter_params(trainer.state.params)
-
-
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
-
-
-def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]] | None,
-             generation: evals.GenerationEval | None = None) -> dict[str, Any]:
-  """Held-out loss, perplexity and exact-match accuracy over every eval example; with
-  `generation`, also the score of greedy completions and a few samples."""
-  generated: dict[str, Any] = {}
-  if generation is not None:
-    model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.frozen)
-    generated = generation.run(model, trainer.mesh, trainer.rules)
-  if not batches:
-    return generated
-  totals = None
-  with sharding.use(trainer.mesh, trainer.rules):
-    for batch, _ in data.device_batches(iter(batches), trainer.batch_sharding):
-      out = trainer.eval_step(trainer.state.params, trainer.frozen, batch)
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  loss = float(totals['loss_sum']) / max(float(totals['tokens']), 1.0)
-  return dict(eval_loss=loss, eval_perplexity=float(np.exp(min(loss, 80.0))),
-              eval_accuracy=float(totals['exact']) / max(float(totals['examples']), 1.0),
-              eval_examples=int(totals['examples']), **generated)
-
 
 EXIT_RESTART = resume.EXIT_RESTART
 
@@ -304,49 +47,44 @@ def _logged_eval_before(workdir: str) -> dict[str, Any] | None:
   return next((r for r in metrics.read_rows(path) if r['step'] == 0 and 'eval_loss' in r), None)
 
 
-def _model_name(config: ml_collections.ConfigDict, arch: llama.Config) -> str:
-  if config.model.pretrained:
-    return f'{arch.family} from {config.model.pretrained}'
-  return config.model.preset
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains as `config` says, writing metrics, TensorBoard and config.json into `workdir`.
 
   Nothing is written into `workdir` until the config, the mesh, the data and the restore have
   all passed; a second run on a workdir a live run holds is refused.
   """
-  arch = validate(config)
-  tok = data.formats.cached_tokenizer(tokenizer_spec(config))  # the one the pipeline uses
+  r = config_lib.resolve(config)
+  arch = r.model.arch
+  tok = data.formats.cached_tokenizer(r.data.options.tokenizer)  # the one the pipeline uses
   if tok.vocab_size > arch.vocab_size:
-    raise ConfigError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size is '
-                      f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
-  run_dir = workdir_lib.RunDir(workdir, resume=config.ckpt.resume,
-                               overwrite=config.ckpt.overwrite)
+    raise config_lib.ConfigError(
+        f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size is '
+        f'{arch.vocab_size}; set --config.model.vocab_size>={tok.vocab_size}')
+  run_dir = workdir_lib.RunDir(workdir, resume=r.ckpt.resume, overwrite=r.ckpt.overwrite)
   # Signals are handled from here on: one during set-up stops the run before its first step.
   preemption = resume.Preemption()
   try:
-    return _start(config, workdir, arch, run_dir, preemption)
+    return _start(r, workdir, run_dir, preemption)
   finally:
     preemption.close()
     run_dir.release()
 
 
-def _start(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
-           run_dir: workdir_lib.RunDir, preemption: resume.Preemption) -> dict[str, Any]:
-  c_data, c_train = config.data, config.train
-  trainer = setup_from_config(config, arch)
-  options = data_options(config)
-  report = data.preflight(train_sources(c_data), options)
-  train_iter = data.train_batches(train_sources(c_data), options,
+def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
+           preemption: resume.Preemption) -> dict[str, Any]:
+  c_data, c_train = r.data, r.train
+  trainer = trainer_lib.from_resolved(r)
+  report = data.preflight(list(c_data.sources), c_data.options)
+  train_iter = data.train_batches(list(c_data.sources), c_data.options,
                                   global_batch=c_data.global_batch, seed=c_train.seed,
                                   pack=c_data.pack, workers=c_data.workers)
-  eval_set = (data.eval_batches(eval_sources(c_data), options, global_batch=c_data.global_batch,
+  eval_set = (data.eval_batches(list(c_data.eval_sources), c_data.options,
+                                global_batch=c_data.global_batch,
                                 max_examples=c_data.max_eval_examples)
-              if c_data.eval_path else None)
-  gen_eval = generation_eval(config)
+              if c_data.eval_sources else None)
+  gen_eval = config_lib.generation_eval(r)
   n_params = sharding.count_params(trainer.state.params)
-  start = resume.restore_or_start(config, workdir, trainer, train_iter)
+  start = resume.restore_or_start(r, workdir, trainer, train_iter)
   manager, start_step = start.manager, start.step
 
   # Every check has passed: from here on the run writes into its directory.
@@ -356,13 +94,12 @@ def _start(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
   for step, _ in start.corrupt:
     manager.move_aside(step)
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, 'config.json'),
-                           {**config.to_dict(), 'resolved_model': dataclasses.asdict(arch)})
+    workdir_lib.write_json(os.path.join(workdir, 'config.json'), config_lib.run_json(r))
   writer = metrics.Writer(workdir, total_steps=c_train.steps, start_step=start_step,
                           progress=c_train.progress, wandb_project=c_train.wandb_project,
-                          config=config.to_dict())
+                          config=r.config)
   preemption.say = writer.print
-  writer.print(f'ftjax: {_model_name(config, arch)} ({n_params:,} params) on mesh '
+  writer.print(f'ftjax: {r.model.describe()} ({n_params:,} params) on mesh '
                f'{dict(trainer.mesh.shape)}, steps {start_step + 1}..{c_train.steps}'
                + (f' (resumed from step {start_step})' if start_step else ''))
   writer.print(report.summary_line())
@@ -376,8 +113,8 @@ def _start(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
     return dict(steps=c_train.steps, wall_s=0.0, final_loss=None, preempted_at=None,
                 skipped_records={}, train_step_compiles=0, nothing_to_do=True)
   try:
-    return _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manager,
-                 start_step, writer, preemption)
+    return _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_step,
+                 writer, preemption)
   except BaseException:
     manager.wait_quietly()  # the save in flight is committed before the error is reported
     manager.close()
@@ -385,30 +122,31 @@ def _start(config: ml_collections.ConfigDict, workdir: str, arch: llama.Config,
     raise
 
 
-def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manager, start_step,
-          writer, preemption) -> dict[str, Any]:
-  c_data, c_train, c_model = config.data, config.train, config.model
+def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_step, writer,
+          preemption) -> dict[str, Any]:
+  c_data, c_train, c_model = r.data, r.train, r.model
   if start_step == 0:
-    first_eval = evaluate(trainer, eval_set, gen_eval) if eval_set or gen_eval else None
+    first_eval = (trainer_lib.evaluate(trainer, eval_set, gen_eval) if eval_set or gen_eval
+                  else None)
     if first_eval:
       writer.write(0, first_eval)
   else:
     first_eval = _logged_eval_before(workdir)
   last_eval = first_eval
   meta = dict(ftjax_version=__version__, mesh=dict(trainer.mesh.shape), preset=c_model.preset,
-              config=json.loads(config.to_json_best_effort()))
+              config=json.loads(json.dumps(r.config, default=str)))
   stop_at = c_train.stop_at_step
   batches = data.Prefetcher(train_iter, trainer.batch_sharding, depth=c_data.prefetch)
-  speed = throughput.Meter(arch, num_devices=trainer.mesh.size,
-                           adapter_params=trained_adapters(config, trainer),
-                           compute_dtype=DTYPES[c_model.dtype])
+  speed = throughput.Meter(c_model.arch, num_devices=trainer.mesh.size,
+                           adapter_params=trainer_lib.trained_adapters(trainer),
+                           compute_dtype=config_lib.DTYPES[c_model.dtype])
   start = time.perf_counter()
   window_start, window_tokens, window_steps, logged = start, 0, 0, {}
   row_tokens = c_data.global_batch * c_data.seq_len
   preempted_at = None
   first_bad, nonfinite_steps = jax.device_put((np.int32(-1), np.int32(0)),
                                               NamedSharding(trainer.mesh, P()))
-  skip_nonfinite = c_train.nan_policy == 'skip_step'
+  skip_nonfinite = c_train.skip_nonfinite
 
   def check_finite(step: int) -> None:
     bad = int(jax.device_get(first_bad))
@@ -452,9 +190,9 @@ def _loop(config, workdir, arch, trainer, train_iter, eval_set, gen_eval, manage
         if skip_nonfinite:
           logged['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
         window_start, window_tokens, window_steps = now, 0, 0
-        every = config.eval.every_steps
+        every = r.eval.every_steps
         if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
-          last_eval = evaluate(trainer, eval_set, gen_eval)
+          last_eval = trainer_lib.evaluate(trainer, eval_set, gen_eval)
           logged.update(last_eval)
         writer.write(step, logged)
       stop = step == stop_at or preemption.reached(step, manager)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from ftjax import checkpoint, pretrained, train
+from ftjax import checkpoint, sharding, train, trained
+from ftjax.hf import pretrained
 
 
 def _losses(workdir):
@@ -22,12 +23,10 @@ def _losses(workdir):
 
 
 def _params(workdir):
-  with open(os.path.join(workdir, 'config.json')) as f:
-    run = json.load(f)
-  arch = train.llama.Config(**run['resolved_model'])
+  arch = trained.read_run(workdir).model.arch
   _, abstract = pretrained.abstract_model(arch)
-  mesh = train.sharding.make_mesh((1, -1, 1))
-  shardings = train.sharding.state_shardings(abstract, mesh, train.sharding.RULES['fsdp'])
+  mesh = sharding.make_mesh((1, -1, 1))
+  shardings = sharding.state_shardings(abstract, mesh, sharding.RULES['fsdp'])
   return jax.device_get(checkpoint.restore_params(workdir, abstract, shardings))
 
 

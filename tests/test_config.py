@@ -13,7 +13,7 @@ from ml_collections import config_flags  # noqa: F401  (registers the config loa
 
 from conftest import REPO
 from ftjax import config as ftjax_config
-from ftjax import models, train
+from ftjax import models
 
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
                       if not p.endswith('__init__.py'))
@@ -82,20 +82,20 @@ def test_malformed_data_line(tmp_path):
 def test_unknown_preset_and_choice():
   config = _demo_config()
   config.model.preset = 'llama9'
-  with pytest.raises(train.ConfigError, match="model.preset='llama9' is not a known preset"):
-    train.validate(config)
+  with pytest.raises(ftjax_config.ConfigError, match="model.preset='llama9' is not a known preset"):
+    ftjax_config.resolve(config)
   config = _demo_config()
   config.optim.schedule = 'cosinus'
-  with pytest.raises(train.ConfigError, match="optim.schedule='cosinus' is not one of"):
-    train.validate(config)
+  with pytest.raises(ftjax_config.ConfigError, match="optim.schedule='cosinus' is not one of"):
+    ftjax_config.resolve(config)
 
 
 def test_key_added_by_an_experiment_file_is_refused():
   config = _demo_config()
   with config.unlocked():
     config.optim.learning_rate = 1e-3  # a typo for optim.lr
-  with pytest.raises(train.ConfigError, match="'optim.learning_rate' is not defined"):
-    train.validate(config)
+  with pytest.raises(ftjax_config.ConfigError, match="'optim.learning_rate' is not defined"):
+    ftjax_config.resolve(config)
 
 
 def _demo_config() -> ml_collections.ConfigDict:

@@ -11,7 +11,8 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import REPO, write_jsonl
-from ftjax import build, data, evals, generation, plot, train
+from ftjax import config as config_lib
+from ftjax import data, evals, generation, plot, train, trained
 
 
 def _rows(workdir):
@@ -33,11 +34,11 @@ def test_score_functions(tmp_path, monkeypatch):
 
 def test_eval_config_is_checked(small_config, tmp_path):
   small_config.eval.update(every_steps=3)  # log_every is 2
-  with pytest.raises(train.ConfigError, match='eval.every_steps=3'):
-    train.validate(small_config)
+  with pytest.raises(config_lib.ConfigError, match='eval.every_steps=3'):
+    config_lib.resolve(small_config)
   small_config.eval.update(every_steps=2, generate_path=str(tmp_path / 'missing.jsonl'))
-  with pytest.raises(train.ConfigError, match='eval.generate_path'):
-    train.validate(small_config)
+  with pytest.raises(config_lib.ConfigError, match='eval.generate_path'):
+    config_lib.resolve(small_config)
 
 
 @pytest.fixture(scope='module')
@@ -117,7 +118,7 @@ def test_generate_and_plot_commands_from_a_run(trained_run, tmp_path):
   assert all(len(r['tokens']) <= 5 and r['finish_reason'] in ('stop', 'length') for r in rows)
   assert f'--- 0\n1+2={rows[0]["completion"]}' in stdout
   # The Python API from the same checkpoint gives the same tokens.
-  model, tok_spec, mesh, rules = build.for_generation(workdir=workdir)
+  model, tok_spec, mesh, rules = trained.for_generation(workdir=workdir)
   tok = data.formats.cached_tokenizer(tok_spec)
   prompts = [[tok.bos_id] + tok.encode(p) for p in ('1+2=', '3+4=')]
   want = generation.complete(model, prompts, stop_ids=[tok.eos_id], mesh=mesh, rules=rules,

@@ -141,19 +141,19 @@ def test_sharded_generation_equals_single_device(tmp_path):
 
 
 def test_generation_through_a_peft_adapter_equals_the_merged_model(hf_folder, tmp_path):
-  from ftjax import build, lora, peft_io
+  from ftjax import lora, peft_io, trained
 
-  base, *_ = build.for_generation(pretrained_path=hf_folder, dtype=jnp.float32)
+  base, *_ = trained.for_generation(pretrained_path=hf_folder, dtype=jnp.float32)
   lora.apply(base, rank=4, alpha=8.0, targets='all-linear')
   for i, node in enumerate(lora.adapters(base).values()):  # b starts at zero: make it count
     b = node.b.get_value()
     node.b.set_value(0.3 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
   peft_io.save(base, str(tmp_path / 'adapter'), base_model=hf_folder)
-  model, _, mesh, rules = build.for_generation(pretrained_path=hf_folder,
+  model, _, mesh, rules = trained.for_generation(pretrained_path=hf_folder,
                                                adapter=str(tmp_path / 'adapter'),
                                                dtype=jnp.float32)
   assert lora.adapters(model)
-  plain, *_ = build.for_generation(pretrained_path=hf_folder, dtype=jnp.float32)
+  plain, *_ = trained.for_generation(pretrained_path=hf_folder, dtype=jnp.float32)
   prompts = PROMPTS[:, :6] % 200
   with_adapter = np.asarray(ftjax.generate(model, prompts, max_new_tokens=NEW, mesh=mesh,
                                            rules=rules))

@@ -7,7 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
+from ftjax import config as config_lib
 from ftjax import lora, quantize, train
+from ftjax import trainer as trainer_lib
 from ftjax.models import llama
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)))
@@ -46,10 +48,12 @@ def test_logits_unchanged_at_init_and_merge_is_exact(variant, projection):
 
 def test_one_step_changes_only_adapters(small_config):
   small_config.lora.update(rank=4, alpha=8.0)
-  arch = train.model_config(small_config.model)
-  trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, -1, 1), rules_name='fsdp_tp',
-                        optim_kwargs=train.optim_kwargs(small_config.optim, 10), grad_accum=1,
-                        global_batch=8, seed=0, lora_options=train.lora_options(small_config.lora))
+  arch = config_lib.model_config(small_config.model)
+  optim_kwargs = {**config_lib.resolve(small_config).optim.make_kwargs(), 'steps': 10}
+  trainer = trainer_lib.setup(
+      arch=arch, model_options={}, mesh_shape=(1, -1, 1), rules_name='fsdp_tp',
+      optim_kwargs=optim_kwargs, grad_accum=1, global_batch=8, seed=0,
+      lora_options=config_lib.lora_options(small_config.lora))
   names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
       trainer.state.params)}
   assert names and all(("['a']" in n or "['b']" in n) for n in names)
@@ -57,7 +61,7 @@ def test_one_step_changes_only_adapters(small_config):
   params_before = jax.device_get(trainer.state.params)
   batch = train.data.to_global(
       train.data.eval_batches([train.data.Source(small_config.data.path)],
-                              train.data_options(small_config), global_batch=8)[0],
+                              config_lib.resolve(small_config).data.options, global_batch=8)[0],
       trainer.batch_sharding)
   with train.sharding.use(trainer.mesh, trainer.rules):
     state, _ = trainer.train_step(trainer.state, trainer.frozen, batch)
@@ -160,22 +164,23 @@ def test_lora_dropout_trains(small_config, tmp_path):
 
 def test_compiled_lora_step_keeps_only_adapter_state(small_config):
   small_config.model.update(embed_dim=128, mlp_dim=512, num_heads=4, num_kv_heads=4, head_dim=32)
-  arch = train.model_config(small_config.model)
+  arch = config_lib.model_config(small_config.model)
+  resolved = config_lib.resolve(small_config)
   batch_rows = train.data.eval_batches([train.data.Source(small_config.data.path)],
-                                       train.data_options(small_config), global_batch=8)[0]
+                                       resolved.data.options, global_batch=8)[0]
+  optim_kwargs = {**resolved.optim.make_kwargs(), 'steps': 10}
 
   def memory(lora_settings):
-    trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1), rules_name='fsdp',
-                          optim_kwargs=train.optim_kwargs(small_config.optim, 10), grad_accum=1,
-                          global_batch=8, seed=0, lora_options=lora_settings,
-                          devices=jax.devices()[:1])
+    trainer = trainer_lib.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1),
+                                rules_name='fsdp', optim_kwargs=optim_kwargs, grad_accum=1,
+                                global_batch=8, seed=0, lora_options=lora_settings,
+                                devices=jax.devices()[:1])
     batch = train.data.to_global(batch_rows, trainer.batch_sharding)
     compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
     return compiled.memory_analysis()
 
   full = memory(None)
-  adapters = memory(dict(rank=4, alpha=8.0, targets='all-linear', use_rslora=False,
-                         use_dora=False, dropout=0.0))
+  adapters = memory(lora.Options(rank=4, alpha=8.0, targets='all-linear'))
   # The step's outputs are the new train state: for LoRA only adapters and their moments.
   assert adapters.output_size_in_bytes < 0.1 * full.output_size_in_bytes
   assert adapters.temp_size_in_bytes < full.temp_size_in_bytes

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import ftjax
 import ftjax.export
 from conftest import REPO
+from ftjax import config as config_lib
 from ftjax import train
 
 SPECIALS = ['<pad>', '<s>', '</s>']
@@ -77,8 +78,8 @@ def test_fine_tuned_export_loads_in_transformers(small_config, hf_folder, tmp_pa
 
 def test_pretrained_rejects_architecture_overrides(small_config, hf_folder):
   small_config.model.pretrained = hf_folder
-  with pytest.raises(train.ConfigError, match='cannot be overridden when model.pretrained'):
-    train.validate(small_config)
+  with pytest.raises(config_lib.ConfigError, match='cannot be overridden when model.pretrained'):
+    config_lib.resolve(small_config)
 
 
 MEMORY_PROBE = r'''
@@ -102,7 +103,7 @@ def sample():
 thread = threading.Thread(target=sample)
 thread.start()
 model = ftjax.load_pretrained(sys.argv[1], mesh=mesh)
-jax.block_until_ready(jax.tree.leaves(ftjax.pretrained.nnx.state(model)))
+jax.block_until_ready(jax.tree.leaves(ftjax.hf.pretrained.nnx.state(model)))
 done.set()
 thread.join()
 print(json.dumps(dict(before=before, peak=max(peak[0], rss()))))

@@ -7,7 +7,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftjax import data, sharding, train
+from ftjax import config as config_lib
+from ftjax import data, sharding
+from ftjax import step as step_lib
+from ftjax import trainer as trainer_lib
 from ftjax.models import llama
 
 ARCH = llama.Config(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -17,7 +20,7 @@ OPTIM = dict(lr=1e-3, steps=10, warmup_steps=0, schedule_kind='constant', end_lr
 
 
 def _setup(shape, devices, rules='fsdp_tp'):
-  return train.setup(arch=ARCH, model_options={}, mesh_shape=shape, rules_name=rules,
+  return trainer_lib.setup(arch=ARCH, model_options={}, mesh_shape=shape, rules_name=rules,
                      optim_kwargs=OPTIM, grad_accum=1, global_batch=8, seed=0, devices=devices)
 
 
@@ -31,7 +34,7 @@ def _batch(addition_data):
 def _grads_and_step(trainer, local_batch):
   batch = data.to_global(local_batch, trainer.batch_sharding)
   with sharding.use(trainer.mesh, trainer.rules):
-    grads_fn = jax.jit(lambda p, f, b: train.loss_grads(p, f, b, graphdef=trainer.graphdef))
+    grads_fn = jax.jit(lambda p, f, b: step_lib.loss_grads(p, f, b, graphdef=trainer.graphdef))
     grads, loss_sum, _ = grads_fn(trainer.state.params, trainer.frozen, batch)
     grads = jax.device_get(grads)
     state, first = trainer.train_step(trainer.state, trainer.frozen, batch)
@@ -89,12 +92,12 @@ def test_large_parameters_are_sharded():
 
 
 def test_mesh_errors():
-  with pytest.raises(train.ConfigError, match=r'needs 6 devices, but 8 are available'):
+  with pytest.raises(config_lib.ConfigError, match=r'needs 6 devices, but 8 are available'):
     _setup((3, 2, 1), jax.devices())
-  with pytest.raises(train.ConfigError, match='do not divide the 8 available devices'):
+  with pytest.raises(config_lib.ConfigError, match='do not divide the 8 available devices'):
     _setup((3, -1, 1), jax.devices())
-  with pytest.raises(train.ConfigError, match='global_batch=8 must be divisible'):
-    train.setup(arch=ARCH, model_options={}, mesh_shape=(1, 8, 1), rules_name='fsdp',
+  with pytest.raises(config_lib.ConfigError, match='global_batch=8 must be divisible'):
+    trainer_lib.setup(arch=ARCH, model_options={}, mesh_shape=(1, 8, 1), rules_name='fsdp',
                 optim_kwargs=OPTIM, grad_accum=2, global_batch=8, seed=0)
 
 

@@ -9,7 +9,9 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import write_jsonl
+from ftjax import config as config_lib
 from ftjax import train
+from ftjax import trainer as trainer_lib
 
 
 def _rows(workdir):
@@ -65,10 +67,11 @@ def test_grad_accumulation_matches_one_big_batch(small_config, tmp_path):
 def test_weight_decay_skips_norms_and_embeddings(small_config):
   from ftjax import optim
 
-  arch = train.model_config(small_config.model)
-  trainer = train.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1), rules_name='fsdp',
-                        optim_kwargs=train.optim_kwargs(small_config.optim, 10), grad_accum=1,
-                        global_batch=8, seed=0, devices=jax.devices()[:1])
+  arch = config_lib.model_config(small_config.model)
+  optim_kwargs = {**config_lib.resolve(small_config).optim.make_kwargs(), 'steps': 10}
+  trainer = trainer_lib.setup(arch=arch, model_options={}, mesh_shape=(1, 1, 1), rules_name='fsdp',
+                              optim_kwargs=optim_kwargs, grad_accum=1, global_batch=8, seed=0,
+                              devices=jax.devices()[:1])
   mask = optim.decay_mask(trainer.state.params, decay_embeddings=False)
   flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
   assert not any(m for k, m in flat.items() if 'norm' in k or "['embed']" in k)

@@ -14,7 +14,10 @@ import transformers
 from flax import nnx
 
 import ftjax
-from ftjax import lora, peft_io, sharding, weights
+from ftjax import lora, models, peft_io, sharding
+from ftjax.errors import CheckpointError
+from ftjax.hf import weights
+from ftjax.models import llama
 
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -146,13 +149,13 @@ def test_lora_on_biased_o_matches_peft_and_keeps_the_bias_frozen(use_dora, tmp_p
 
 
 def test_biases_without_a_hugging_face_form_are_refused_on_export():
-  cfg = weights.config_from_hf(transformers.AutoConfig.for_model('llama', **COMMON).to_dict())
+  cfg = models.config_from_hf(transformers.AutoConfig.for_model('llama', **COMMON).to_dict())
   for fields in (dict(qkv_bias=True), dict(o_bias=True), dict(family='qwen2', o_bias=True)):
     with pytest.raises(ValueError, match='no Hugging Face form'):
-      weights.config_to_hf(dataclasses.replace(cfg, **fields), 'float32')
-  qwen2 = weights.config_from_hf(transformers.AutoConfig.for_model('qwen2', **COMMON).to_dict())
+      llama.config_to_hf(dataclasses.replace(cfg, **fields), 'float32')
+  qwen2 = models.config_from_hf(transformers.AutoConfig.for_model('qwen2', **COMMON).to_dict())
   assert qwen2.qkv_bias and not qwen2.o_bias
-  assert 'attention_bias' not in weights.config_to_hf(qwen2, 'float32')
+  assert 'attention_bias' not in llama.config_to_hf(qwen2, 'float32')
 
 
 def test_sharded_load_equals_single_device_load(tmp_path):
@@ -176,14 +179,14 @@ def test_unsupported_architecture_is_refused(tmp_path):
   make_hf('llama', str(tmp_path))
   config = json.loads((tmp_path / 'config.json').read_text())
   (tmp_path / 'config.json').write_text(json.dumps({**config, 'model_type': 'falcon'}))
-  with pytest.raises(weights.CheckpointError, match="model_type 'falcon' is not supported"):
+  with pytest.raises(CheckpointError, match="model_type 'falcon' is not supported"):
     ftjax.load_pretrained(str(tmp_path))
   (tmp_path / 'config.json').write_text(json.dumps({**config, 'mlp_bias': True}))
-  with pytest.raises(weights.CheckpointError, match='mlp_bias=True is not supported'):
+  with pytest.raises(CheckpointError, match='mlp_bias=True is not supported'):
     ftjax.load_pretrained(str(tmp_path))
   rope = {'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4}
   (tmp_path / 'config.json').write_text(json.dumps({**config, 'rope_parameters': rope}))
-  with pytest.raises(weights.CheckpointError, match="rope_type 'yarn' is not supported"):
+  with pytest.raises(CheckpointError, match="rope_type 'yarn' is not supported"):
     ftjax.load_pretrained(str(tmp_path))
 
 
@@ -191,7 +194,7 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path):
   make_hf('llama', str(tmp_path))
   config = json.loads((tmp_path / 'config.json').read_text())
   (tmp_path / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 128}))
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' has "
                            r'shape \(\d+, \d+\), but config.json implies'):
     ftjax.load_pretrained(str(tmp_path))
@@ -203,11 +206,11 @@ def test_truncated_and_missing_shards_name_the_file(tmp_path):
   files = sorted(set(index['weight_map'].values()))
   data = (tmp_path / files[-1]).read_bytes()
   (tmp_path / files[-1]).write_bytes(data[: len(data) // 2])
-  with pytest.raises(weights.CheckpointError, match=rf'{files[-1]}.*truncated'):
+  with pytest.raises(CheckpointError, match=rf'{files[-1]}.*truncated'):
     ftjax.load_pretrained(str(tmp_path))
   (tmp_path / files[-1]).write_bytes(data)
   os.remove(tmp_path / files[0])
-  with pytest.raises(weights.CheckpointError, match=rf'{files[0]}: listed in .* but missing'):
+  with pytest.raises(CheckpointError, match=rf'{files[0]}: listed in .* but missing'):
     ftjax.load_pretrained(str(tmp_path))
 
 
@@ -215,7 +218,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
   make_hf('llama', str(tmp_path))
   os.remove(tmp_path / 'model.safetensors')
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not unpickled')
-  with pytest.raises(weights.CheckpointError, match='never unpickles.*convert them to safetensors'):
+  with pytest.raises(CheckpointError, match='never unpickles.*convert them to safetensors'):
     ftjax.load_pretrained(str(tmp_path))
 
 
@@ -223,9 +226,9 @@ def test_pickle_only_folder_is_refused(tmp_path):
 def test_config_json_round_trips(case):
   model_type, extra = CASES[case]
   hf_config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra}).to_dict()
-  cfg = weights.config_from_hf(hf_config)
-  assert weights.config_from_hf(weights.config_to_hf(cfg, 'bfloat16')) == cfg
+  cfg = models.config_from_hf(hf_config)
+  assert models.config_from_hf(llama.config_to_hf(cfg, 'bfloat16')) == cfg
   # The keys of transformers 4.x (rope_theta, rope_scaling) say the same as rope_parameters.
-  legacy = {k: v for k, v in weights.config_to_hf(cfg, 'bfloat16').items()
+  legacy = {k: v for k, v in llama.config_to_hf(cfg, 'bfloat16').items()
             if k != 'rope_parameters'}
-  assert weights.config_from_hf(legacy) == cfg
+  assert models.config_from_hf(legacy) == cfg

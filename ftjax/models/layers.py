@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,15 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ftjax import sharding
+
+RematPolicy = Literal['none', 'dots', 'offload', 'full']
+REMAT_POLICIES = {
+    'full': None,  # save nothing inside a layer, recompute everything
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Like 'dots', but the saved matmul outputs wait in pinned host memory, not in HBM.
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+}
+
 
 
 def param(

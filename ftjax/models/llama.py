@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,16 +19,9 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ftjax import sharding
-from ftjax.models import layers
+from ftjax.models import attention, layers, llama_hf
 
-RematPolicy = Literal['none', 'dots', 'offload', 'full']
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
-REMAT_POLICIES = {
-    'full': None,  # save nothing inside a layer, recompute everything
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Like 'dots', but the saved matmul outputs wait in pinned host memory, not in HBM.
-    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,94 +110,6 @@ PRESETS = {
 }
 
 
-class Attention(nnx.Module):
-
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype, implementation):
-    kw = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
-    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = layers.Einsum('BTD,DNH->BTNH', (d, n, h), ('embed', 'heads', 'head_dim'), **kw)
-    self.k = layers.Einsum('BTD,DKH->BTKH', (d, k, h), ('embed', 'kv_heads', 'head_dim'), **kw)
-    self.v = layers.Einsum('BTD,DKH->BTKH', (d, k, h), ('embed', 'kv_heads', 'head_dim'), **kw)
-    self.o = layers.Einsum('BTNH,NHD->BTD', (n, h, d), ('heads', 'head_dim', 'embed'), **kw)
-    if cfg.qkv_bias:
-      zeros = jax.nn.initializers.zeros
-      self.q_bias = layers.param(rngs, zeros, (n, h), ('heads', 'head_dim'), param_dtype)
-      self.k_bias = layers.param(rngs, zeros, (k, h), ('kv_heads', 'head_dim'), param_dtype)
-      self.v_bias = layers.param(rngs, zeros, (k, h), ('kv_heads', 'head_dim'), param_dtype)
-    if cfg.o_bias:
-      self.o_bias = layers.param(rngs, jax.nn.initializers.zeros, (d,), ('embed',), param_dtype)
-    if cfg.qk_norm:
-      norm = dict(eps=cfg.norm_eps, rngs=rngs, plus_one=cfg.norm_plus_one, name='head_dim',
-                  param_dtype=param_dtype)
-      self.q_norm = layers.RMSNorm(h, **norm)
-      self.k_norm = layers.RMSNorm(h, **norm)
-    self.cfg = cfg
-    self.implementation = implementation
-
-  def _qkv(self, x: Float[Array, 'B T D'], rope, keys) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projected, normed and rotated q `[B T N H]`, k and v `[B T K H]`."""
-    cfg = self.cfg
-    q, k, v = self.q(x, key=keys[0]), self.k(x, key=keys[1]), self.v(x, key=keys[2])
-    if cfg.qkv_bias:
-      q = q + self.q_bias.get_value().astype(q.dtype)[None, None]
-      k = k + self.k_bias.get_value().astype(k.dtype)[None, None]
-      v = v + self.v_bias.get_value().astype(v.dtype)[None, None]
-    if cfg.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
-    sin, cos = rope
-    q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
-    return sharding.constrain(q, ('batch', 'seq', 'heads', 'head_dim')), k, v
-
-  def _out(self, out: Float[Array, 'B T N H'], key=None) -> Float[Array, 'B T D']:
-    """The output projection, plus its bias where the family has one."""
-    y = self.o(out, key=key)
-    if self.cfg.o_bias:  # outside `o`, so a LoRA adapter on `o` leaves the bias frozen
-      y = y + self.o_bias.get_value().astype(y.dtype)[None, None]
-    return y
-
-  def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
-               key=None) -> Float[Array, 'B T D']:
-    cfg = self.cfg
-    keys = _split(key, 4)
-    q, k, v = self._qkv(x, rope, keys)
-    out = layers.attention(q, k, v, segment_ids, positions,
-                           scale=(cfg.query_scale or cfg.head_dim) ** -0.5, window=window,
-                           softcap=cfg.attn_softcap, implementation=self.implementation)
-    return self._out(out, key=keys[3])
-
-  def decode(self, x: Float[Array, 'B T D'], rope, positions: Int[Array, 'B T'],
-             key_positions: Int[Array, 'B S'], window, k_cache: Float[Array, 'B S K H'],
-             v_cache: Float[Array, 'B S K H'], start: jax.Array, prefill: bool = False):
-    """Attention of `x` (at cache slots `start..start+T-1`) over the cache; returns the new cache.
-
-    `key_positions` are the positions of every cache slot after this write (-1 = empty).
-    `prefill` (an empty cache, `start` 0): the tokens attend only to each other, through the
-    training kernel (`implementation`), so a long prompt never meets the einsum path.
-    """
-    cfg = self.cfg
-    q, k, v = self._qkv(x, rope, [None] * 3)
-    names = ('batch', 'seq', 'kv_heads', 'head_dim')
-    k_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
-        k_cache, k.astype(k_cache.dtype), start, axis=1), names)
-    v_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
-        v_cache, v.astype(v_cache.dtype), start, axis=1), names)
-    scale = (cfg.query_scale or cfg.head_dim) ** -0.5
-    if prefill:  # padding tokens (position -1) form their own segment, seen by no real token
-      out = layers.attention(q, k, v, (positions >= 0).astype(jnp.int32), positions, scale=scale,
-                             window=window, softcap=cfg.attn_softcap,
-                             implementation=self.implementation)
-    else:
-      out = layers.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                    positions, key_positions, scale=scale, window=window,
-                                    softcap=cfg.attn_softcap)
-    return self._out(out), k_cache, v_cache
-
-
-def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
-  """Independent dropout keys for `n` projections (None when not training)."""
-  return [None] * n if key is None else list(jax.random.split(key, n))
-
-
 class Mlp(nnx.Module):
   """Gated MLP: SwiGLU (Llama, Mistral, Qwen) or GeGLU (Gemma)."""
 
@@ -219,7 +122,7 @@ class Mlp(nnx.Module):
     self.activation = cfg.mlp_activation
 
   def __call__(self, x: Float[Array, 'B T D'], key=None) -> Float[Array, 'B T D']:
-    keys = _split(key, 3)
+    keys = attention.split_keys(key, 3)
     hidden = ACTIVATIONS[self.activation](self.gate(x, key=keys[0])) * self.up(x, key=keys[1])
     return self.down(hidden, key=keys[2])
 
@@ -229,7 +132,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl):
     norm = dict(eps=cfg.norm_eps, rngs=rngs, plus_one=cfg.norm_plus_one, param_dtype=param_dtype)
     self.attn_norm = layers.RMSNorm(cfg.embed_dim, **norm)
-    self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+    self.attn = attention.Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                           implementation=attention_impl)
     self.mlp_norm = layers.RMSNorm(cfg.embed_dim, **norm)
     self.mlp = Mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -240,7 +143,7 @@ class Block(nnx.Module):
 
   def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
                key=None) -> Float[Array, 'B T D']:
-    keys = _split(key, 2)
+    keys = attention.split_keys(key, 2)
     y = self.attn(self.attn_norm(x), rope, positions, segment_ids, window, key=keys[0])
     x = x + (self.attn_post_norm(y) if self.post_norms else y)
     y = self.mlp(self.mlp_norm(x), key=keys[1])
@@ -268,11 +171,12 @@ class Llama(nnx.Module):
       rngs: nnx.Rngs,
       dtype: jnp.dtype = jnp.float32,
       param_dtype: jnp.dtype = jnp.float32,
-      remat: RematPolicy = 'none',
+      remat: layers.RematPolicy = 'none',
       attention_impl: str | None = None,
   ):
-    if remat not in ('none', *REMAT_POLICIES):
-      raise ValueError(f"remat={remat!r}; expected one of 'none', {', '.join(REMAT_POLICIES)}")
+    if remat not in ('none', *layers.REMAT_POLICIES):
+      raise ValueError(
+          f"remat={remat!r}; expected one of 'none', {', '.join(layers.REMAT_POLICIES)}")
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
@@ -331,7 +235,7 @@ class Llama(nnx.Module):
       return block(x, rope, positions, segment_ids, window, key=key)
 
     if self.remat != 'none':
-      layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      layer = nnx.remat(layer, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False)
     layer_keys = jax.random.split(
         jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
     x = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry,
@@ -379,9 +283,10 @@ class Llama(nnx.Module):
       logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     return sharding.constrain(logits, ('batch', 'seq', 'vocab'))
 
-  def decode(self, tokens: Int[Array, 'B T'], positions: Int[Array, 'B T'], cache: KVCache,
+  def decode(self, tokens: Int[Array, 'B T'], positions: Int[Array, 'B T'],
+             cache: attention.KVCache,
              start: jax.Array | int, *, prefill: bool = False,
-             last: jax.Array | None = None) -> tuple[Float[Array, 'B T V'], KVCache]:
+             last: jax.Array | None = None) -> tuple[Float[Array, 'B T V'], attention.KVCache]:
     """Logits of `tokens` written at cache slots `start..start+T-1`, and the updated cache.
 
     Prefill passes the whole (padded) prompt at `start=0` with `prefill=True`, decoding one
@@ -408,20 +313,26 @@ class Llama(nnx.Module):
                              jnp.asarray(is_global))
     if last is not None:
       x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-    return self._head(x), KVCache(k=k, v=v, positions=key_positions)
+    return self._head(x), attention.KVCache(k=k, v=v, positions=key_positions)
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer, stacked on 'layers' like the weights, for decoding."""
+# ---------------------------------------------------------------- the family's registry entry
+# What `ftjax.models` reads from every family module (see docs/adding_a_model.md).
 
-  k: Float[Array, 'L B S K H']
-  v: Float[Array, 'L B S K H']
-  positions: Int[Array, 'B S']  # rope position of each slot; -1 = empty (padding, not yet written)
+Model = Llama
+KVCache = attention.KVCache
+# Short names users write in `lora.targets` -> module paths in `Model`.
+LORA_TARGETS = {'q': 'attn.q', 'k': 'attn.k', 'v': 'attn.v', 'o': 'attn.o',
+                'gate': 'mlp.gate', 'up': 'mlp.up', 'down': 'mlp.down'}
+# Module path -> the Hugging Face module name in a PEFT adapter (layer prefix added by peft_io).
+PEFT_MODULES = {'attn.q': 'self_attn.q_proj', 'attn.k': 'self_attn.k_proj',
+                'attn.v': 'self_attn.v_proj', 'attn.o': 'self_attn.o_proj',
+                'mlp.gate': 'mlp.gate_proj', 'mlp.up': 'mlp.up_proj', 'mlp.down': 'mlp.down_proj'}
+HF_MODEL_TYPES = llama_hf.MODEL_TYPES
+config_to_hf = llama_hf.config_to_hf
+hf_tensors = llama_hf.tensor_map
 
-  @classmethod
-  def empty(cls, cfg: Config, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
-    """A cache of `length` empty slots per row."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               positions=jnp.full((batch, length), -1, jnp.int32))
+
+def config_from_hf(hf: dict) -> Config:
+  """The architecture of a Hugging Face config.json dict of one of `HF_MODEL_TYPES`."""
+  return Config(**llama_hf.fields_from_hf(hf))

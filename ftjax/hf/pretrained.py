@@ -9,27 +9,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import sharding, tokenizer, weights
-from ftjax.models import llama
+from ftjax import models, sharding, tokenizer
+from ftjax.hf import weights
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def abstract_model(cfg: llama.Config, **options: Any) -> tuple[Any, Any]:
+def abstract_model(cfg: Any, **options: Any) -> tuple[Any, Any]:
   """The graph and the abstract (shape-only) state of a model, allocating nothing."""
-  return nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0), **options)))
+  return nnx.split(nnx.eval_shape(lambda: models.create(cfg, **options)))
 
 
-def load_params(path: str, cfg: llama.Config, abstract_state: Any, mesh: jax.sharding.Mesh,
+def load_params(path: str, cfg: Any, abstract_state: Any, mesh: jax.sharding.Mesh,
                 rules: dict) -> Any:
   """The checkpoint's weights as sharded arrays laid out by `rules` on `mesh`."""
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
   return weights.load_state(weights.Folder(path), cfg, abstract_state, shardings)
 
 
-def read_config(path: str) -> llama.Config:
+def read_config(path: str) -> Any:
   """The ftjax architecture of the Hugging Face folder `path`."""
-  return weights.config_from_hf(weights.Folder(path).hf_config)
+  return models.config_from_hf(weights.Folder(path).hf_config)
 
 
 def max_context(path: str) -> int | None:
@@ -46,7 +46,7 @@ def max_context(path: str) -> int | None:
 
 
 def load_pretrained(path: str, dtype: str | Any = 'float32',
-                    mesh: jax.sharding.Mesh | None = None, rules: str = 'fsdp_tp') -> llama.Llama:
+                    mesh: jax.sharding.Mesh | None = None, rules: str = 'fsdp_tp') -> nnx.Module:
   """A model with the weights of the Hugging Face folder `path`; `model(input_ids)` -> logits.
 
   Args:
@@ -58,7 +58,7 @@ def load_pretrained(path: str, dtype: str | Any = 'float32',
   dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
   mesh = mesh if mesh is not None else sharding.make_mesh((1, -1, 1))
   folder = weights.Folder(path)
-  cfg = weights.config_from_hf(folder.hf_config)
+  cfg = models.config_from_hf(folder.hf_config)
   graphdef, abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
   shardings = sharding.state_shardings(abstract, mesh, sharding.get_rules(rules))
   return nnx.merge(graphdef, weights.load_state(folder, cfg, abstract, shardings))
@@ -69,7 +69,7 @@ def load_tokenizer(path: str) -> tokenizer.Tokenizer:
   return tokenizer.load(path)
 
 
-def save_pretrained(model: llama.Llama, out_dir: str, *, dtype: str = 'bfloat16',
+def save_pretrained(model: nnx.Module, out_dir: str, *, dtype: str = 'bfloat16',
                     tokenizer_dir: str | None = None) -> None:
   """Writes `model` as a Hugging Face folder that `transformers` and vLLM load."""
   weights.save(nnx.state(model, nnx.Param), model.cfg, out_dir, dtype=dtype,

@@ -1,0 +1,1 @@
+"""Hugging Face interop: model folders (config.json + safetensors) in and out of ftjax."""
