@@ -29,8 +29,20 @@ def _within(path: str, folder: str) -> bool:
   return os.path.commonpath([path, folder]) == folder
 
 
-def check_out(workdir: str, out_dir: str, r: config_lib.Resolved, *, overwrite: bool) -> None:
-  """Raises `ExportError` unless writing the export of `run` to `out_dir` is safe.
+_INPUTS = {'model.pretrained': "the run's base model folder",
+           'lora.adapter': "the run's PEFT adapter folder",
+           'data.tokenizer': "the run's tokenizer folder"}
+
+
+def inputs_of(r: config_lib.Resolved) -> dict[str, str]:
+  """The folders a run reads, by config key (what an export must never replace)."""
+  return {'model.pretrained': r.model.pretrained, 'lora.adapter': r.lora.adapter if r.lora else '',
+          'data.tokenizer': r.data.options.tokenizer}
+
+
+def check_out(workdir: str, out_dir: str, inputs: dict[str, str], *, overwrite: bool) -> None:
+  """Raises `ExportError` unless writing the export of a run (`inputs`: `inputs_of`) to
+  `out_dir` is safe.
 
   Paths are compared as real paths (symlinks resolved). The run's inputs are refused even with
   `overwrite`: replacing a folder that is or holds one of them would delete what the export
@@ -38,11 +50,9 @@ def check_out(workdir: str, out_dir: str, r: config_lib.Resolved, *, overwrite: 
   that folder and may delete what it does not recognise).
   """
   out = os.path.realpath(out_dir)
-  inputs = [('the run directory', '--workdir', workdir),
-            ("the run's base model folder", 'model.pretrained', r.model.pretrained),
-            ("the run's PEFT adapter folder", 'lora.adapter', r.lora.adapter if r.lora else ''),
-            ("the run's tokenizer folder", 'data.tokenizer', r.data.options.tokenizer)]
-  for what, key, path in inputs:
+  named = [('the run directory', '--workdir', workdir),
+           *((_INPUTS[key], key, path) for key, path in inputs.items())]
+  for what, key, path in named:
     if not path or not os.path.exists(path):  # e.g. no adapter, or the byte tokenizer
       continue
     real = os.path.realpath(path)
@@ -76,7 +86,7 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   if fmt == 'peft' and r.lora is None:
     raise ValueError(f'{workdir} is a full fine-tuning run (lora.rank=0): export it with '
                      '--format hf')
-  check_out(workdir, out_dir, r, overwrite=overwrite)
+  check_out(workdir, out_dir, inputs_of(r), overwrite=overwrite)
   # With a symlinked --out, the folder it points to is replaced, not the link.
   final = os.path.realpath(out_dir)
   # A sibling, so the closing rename stays on one filesystem (atomic). Only process 0 writes

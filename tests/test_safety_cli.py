@@ -74,8 +74,8 @@ def _fake_run(tmp_path):
     (folder / 'file').write_text('precious')
   workdir = tmp_path / 'runs' / 'run'
   (workdir / 'checkpoints').mkdir(parents=True)
-  run = dict(model=dict(pretrained=str(folders['base'])),
-             lora=dict(adapter=str(folders['adapter'])), data=dict(tokenizer=str(folders['tok'])))
+  run = {'model.pretrained': str(folders['base']), 'lora.adapter': str(folders['adapter']),
+         'data.tokenizer': str(folders['tok'])}
   return str(workdir), run, folders
 
 
