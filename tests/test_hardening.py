@@ -240,11 +240,10 @@ def test_a_changed_batch_size_keeps_the_position_in_records(tmp_path):
   start = resume.Start(manager=None)
   saved = {'data': {'global_batch': 6}}
 
-  class Config:  # just the keys _keep_data_position reads
-    class data:  # noqa: N801
-      global_batch, pack = 4, False
+  class Data:  # just the fields of config.Data that _keep_data_position reads
+    global_batch, pack = 4, False
 
-  resume._keep_data_position(saved, Config, new, start)
+  resume._keep_data_position(saved, Data, new, start)
   reference = data.train_batches(sources, options, global_batch=4, seed=0, pack=False)
   for _ in range(3):
     next(reference)  # 12 records

@@ -48,7 +48,8 @@ def test_formula_matches_xla_cost_analysis(small_config):
                  num_kv_heads=2, head_dim=64)
   c.data.update(seq_len=64, global_batch=4)
   c.mesh.shape = (1, 1, 1)
-  arch, trainer = bench.trainer_for(c, abstract=True, devices=jax.devices()[:1])
+  resolved, trainer = bench.trainer_for(c, abstract=True, devices=jax.devices()[:1])
+  arch = resolved.model.arch
   batch = {k: jax.ShapeDtypeStruct((4, 64), np.int32, sharding=trainer.batch_sharding)
            for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
   compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
