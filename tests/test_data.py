@@ -31,7 +31,7 @@ def texts_of(rows):
 
 @pytest.fixture
 def chat_tokenizer(tmp_path):
-  from test_pretrained_run import add_bpe_tokenizer
+  from helpers import add_bpe_tokenizer
 
   folder = tmp_path / 'tok'
   add_bpe_tokenizer(str(folder), ['<|im_start|>user\nhow are you?<|im_end|>\n'] * 50)

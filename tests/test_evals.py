@@ -3,11 +3,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import run_command, run_ftjax
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import REPO, write_jsonl
@@ -101,9 +101,7 @@ def test_plot_writes_a_png(trained_run):
 
 
 def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run([sys.executable, '-m', 'ftjax.main', *args], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
+  result = run_ftjax(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -147,9 +145,9 @@ def test_generate_command_on_two_processes_matches_one(trained_run):
   args = ['-m', 'ftjax.main', 'generate', f'--workdir={workdir}', '--prompt=1+2=',
           '--prompt=3+4=', '--prompt=4+4=', '--max-new-tokens=5', '--out=-']
   one = [json.loads(line) for line in _cli(*args[2:]).splitlines()]
-  result = subprocess.run([sys.executable, f'{REPO}/launch/local.py', '--processes=2',
-                           '--devices-per-process=2', '--timeout=120', '--', sys.executable,
-                           *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+  result = run_command([sys.executable, f'{REPO}/launch/local.py', '--processes=2',
+                        '--devices-per-process=2', '--timeout=120', '--', sys.executable, *args],
+                       devices=None)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   rows = [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith('[0] {')]
   assert rows == one

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import cli_env, run_ftjax, start_ftjax, train_command
 
 from conftest import REPO, write_jsonl
 from ftjax import checkpoint, data, metrics, plot, resume, tokenizer, train, workdir
@@ -138,7 +139,7 @@ time.sleep(120)
 
 def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(config, tmp_path):
   holder = subprocess.Popen([sys.executable, '-c', HOLD, str(tmp_path)], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, env=cli_env())
   try:
     assert holder.stdout.readline().strip() == 'holding'
     held = rf'in use by another run \(pid {holder.pid} on '
@@ -254,11 +255,6 @@ def test_a_changed_batch_size_keeps_the_position_in_records(tmp_path):
 
 # --- signals (the process's behaviour: subprocesses) ---------------------------------------------
 
-def _train_command(workdir_path, *flags):
-  return [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-          f'--workdir={workdir_path}', '--config.train.progress=False', *flags]
-
-
 def _wait_for_steps(proc, workdir_path, count, timeout=240):
   deadline = time.time() + timeout
   path = os.path.join(workdir_path, 'metrics.jsonl')
@@ -272,11 +268,10 @@ def _wait_for_steps(proc, workdir_path, count, timeout=240):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_75(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   flags = ['--config.train.steps=2000', '--config.train.log_every=1',
            '--config.ckpt.every_steps=5000', '--config.eval.every_steps=0']
-  proc = subprocess.Popen(_train_command(tmp_path, *flags), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = start_ftjax(*train_command(tmp_path, *flags), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
   _wait_for_steps(proc, tmp_path, 3)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=240)
@@ -310,12 +305,11 @@ def test_sigterm_interrupts_a_pipeline_that_is_waiting_for_data(tmp_path):
   records = [{'prompt': 'x' * 3000, 'completion': 'y'}] * 4000 + [{'prompt': '1+1=',
                                                                     'completion': '2'}]
   path = write_jsonl(tmp_path / 'slow.jsonl', records)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  proc = subprocess.Popen(
-      _train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
+  proc = start_ftjax(
+      *train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
                      '--config.eval.every_steps=0', '--config.data.on_too_long=skip',
                      '--config.train.steps=50'),
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not os.path.isfile(tmp_path / 'run' / 'config.json'):
     assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -351,13 +345,12 @@ def test_an_error_mid_run_waits_for_the_save_in_flight(tmp_path):
              for i in range(count)]
   records[bad] = {'prompt': 'x' * 500, 'completion': 'y'}
   path = write_jsonl(tmp_path / 'd.jsonl', records)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run(
-      _train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
+  result = run_ftjax(
+      *train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
                      '--config.eval.every_steps=0', '--config.data.on_too_long=error',
                      '--config.ckpt.every_steps=1', '--config.ckpt.max_to_keep=0',
                      '--config.train.steps=400'),
-      env=env, capture_output=True, text=True, timeout=600)
+      timeout=600)
   assert result.returncode == 2, result.stderr[-2000:]
   assert f'd.jsonl:{bad + 1}: example has' in result.stderr
   root = tmp_path / 'run' / 'checkpoints'

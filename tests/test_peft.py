@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers
-from test_weights import hf_logits
+from helpers import hf_logits
 
 import ftjax
 import ftjax.export
