@@ -3,9 +3,11 @@
 import json
 import sys
 
+import pytest
 from helpers import run_command
 
 
+@pytest.mark.slow
 def test_compare_torch_runs_the_same_model_in_both():
   out = run_command([sys.executable, 'benchmarks/compare_torch.py', '--layers', '1', '--vocab',
                      '512', '--seq-len', '32', '--batch', '2', '--steps', '1', '--warmup', '1'],

@@ -37,6 +37,7 @@ def config(small_config):
   return small_config
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(config, tmp_path):
   train.run(config, str(tmp_path / 'straight'))
   config.train.stop_at_step = 3
@@ -51,6 +52,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(config, tmp_path):
                _params(str(tmp_path / 'straight')))
 
 
+@pytest.mark.slow
 def test_restore_on_another_mesh_continues_with_the_same_loss(config, tmp_path):
   config.mesh.shape = (1, 8, 1)
   config.train.stop_at_step = 3
@@ -65,6 +67,7 @@ def test_restore_on_another_mesh_continues_with_the_same_loss(config, tmp_path):
     assert other[step] == pytest.approx(same[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_names_what_differs(config, tmp_path):
   config.train.stop_at_step = 2
   train.run(config, str(tmp_path))

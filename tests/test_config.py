@@ -49,21 +49,25 @@ def test_wrong_type(tmp_path):
   _assert_one_line_error(result, '--config.train.steps=many', 'int')
 
 
+@pytest.mark.slow
 def test_mesh_that_does_not_match_the_devices(tmp_path):
   result = run_ftjax(*train_command(tmp_path, '--config.mesh.shape=(3,1,1)'), devices=4)
   _assert_one_line_error(result, 'mesh.shape=(3, 1, 1) needs 3 devices, but 4 are available')
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_over_the_mesh(tmp_path):
   result = run_ftjax(*train_command(tmp_path, '--config.data.global_batch=12'), devices=8)
   _assert_one_line_error(result, 'data.global_batch=12 must be divisible by the 8 batch shards')
 
 
+@pytest.mark.slow
 def test_missing_data_file(tmp_path):
   result = run_ftjax(*train_command(tmp_path, '--config.data.path=/no/such/train.jsonl'))
   _assert_one_line_error(result, "data source '/no/such/train.jsonl': file not found")
 
 
+@pytest.mark.slow
 def test_malformed_data_line(tmp_path):
   bad = tmp_path / 'bad.jsonl'
   bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')

@@ -31,6 +31,7 @@ def one_line_error(result, *fragments):
   return errors[0]
 
 
+@pytest.mark.slow
 def test_config_file_errors(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_config(:\n  pass\n')

@@ -45,6 +45,7 @@ def _saved_params(workdir_path, step):
 
 # --- non-finite training -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_is_never_saved(config, tmp_path):
   # An absurd learning rate: step 1's update makes the weights huge, step 2's loss overflows.
   config.optim.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
@@ -58,6 +59,7 @@ def test_non_finite_loss_stops_the_run_and_is_never_saved(config, tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_skip_step_policy_keeps_the_weights_of_the_last_finite_step(config, tmp_path):
   config.optim.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
   config.train.update(steps=4, nan_policy='skip_step')
@@ -79,6 +81,7 @@ def _largest_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_is_detected_and_the_run_falls_back(config, tmp_path, capsys):
   train.run(config, str(tmp_path))
   step_dir = os.path.join(checkpoint.directory(str(tmp_path)), '4')
@@ -100,6 +103,7 @@ def test_a_flipped_byte_is_detected_and_the_run_falls_back(config, tmp_path, cap
   assert workdir.has_checkpoints(str(tmp_path))[-1] == 6
 
 
+@pytest.mark.slow
 def test_missing_and_truncated_files_name_the_checkpoint_and_the_file(config, tmp_path):
   train.run(config, str(tmp_path))
   root = checkpoint.directory(str(tmp_path))
@@ -137,6 +141,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(config, tmp_path):
   holder = subprocess.Popen([sys.executable, '-c', HOLD, str(tmp_path)], stdout=subprocess.PIPE,
                             text=True, cwd=REPO, env=cli_env())
@@ -152,6 +157,7 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(config, tmp_path
   assert train.run(config, str(tmp_path))['preempted_at'] is None
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_existing_checkpoints_unless_overwrite(config, tmp_path):
   train.run(config, str(tmp_path))
   before = _snapshot(tmp_path)
@@ -168,6 +174,7 @@ def test_resume_never_refuses_existing_checkpoints_unless_overwrite(config, tmp_
   assert [r['step'] for r in rows if 'loss' in r] == [1, 2]  # the first run's rows are gone
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_directory_as_it_was(config, tmp_path):
   train.run(config, str(tmp_path))
   before = _snapshot(tmp_path)
@@ -177,6 +184,7 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(config, tmp_path):
   assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_step_replaces_the_newer_checkpoints(config, tmp_path, capsys):
   train.run(config, str(tmp_path))
   _, first_4 = _saved_params(str(tmp_path), 4)
@@ -190,6 +198,7 @@ def test_resuming_from_an_older_step_replaces_the_newer_checkpoints(config, tmp_
   assert workdir.has_checkpoints(str(tmp_path)) == [2, 4]
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_ignored_on_resume_and_by_plot(config, tmp_path, caplog):
   config.train.stop_at_step = 2
   train.run(config, str(tmp_path))
@@ -204,6 +213,7 @@ def test_a_torn_metrics_line_is_ignored_on_resume_and_by_plot(config, tmp_path, 
   assert os.path.getsize(plot.plot(str(tmp_path))) > 1000
 
 
+@pytest.mark.slow
 def test_steps_below_the_checkpoint_say_so(config, tmp_path, capsys):
   train.run(config, str(tmp_path))
   config.train.steps = 2
@@ -215,6 +225,7 @@ def test_steps_below_the_checkpoint_say_so(config, tmp_path, capsys):
 
 # --- changes on resume ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_changes_on_resume_are_printed(config, tmp_path, capsys):
   config.data.pack = False
   config.train.stop_at_step = 2
@@ -323,6 +334,7 @@ def test_sigterm_interrupts_a_pipeline_that_is_waiting_for_data(tmp_path):
   assert 'stopped' in out
 
 
+@pytest.mark.slow
 def test_a_pretrained_run_names_its_architecture(small_config, hf_folder, tmp_path, capsys):
   for key in ('vocab_size', 'embed_dim', 'mlp_dim', 'num_layers', 'num_heads', 'num_kv_heads',
               'head_dim'):

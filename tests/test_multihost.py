@@ -9,7 +9,6 @@ from helpers import ftjax_command, run_command, run_ftjax, train_command
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
 RESTART = 75
 
 
@@ -32,6 +31,7 @@ def _losses(workdir):
     return [r['loss'] for r in map(json.loads, f) if 'loss' in r]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   _train(tmp_path / 'one', '--config.train.steps=4')
   two = _train(tmp_path / 'two', '--config.train.steps=4', processes=2)
@@ -41,6 +41,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   assert two_losses == pytest.approx(one_losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_process_counts(tmp_path):
   _train(tmp_path / 'straight', '--config.train.steps=6')
   for first, second in ((2, 1), (1, 2)):

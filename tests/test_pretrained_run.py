@@ -41,6 +41,7 @@ def test_zero_lr_run_exports_the_original_weights_bit_exactly(small_config, hf_f
       hf_folder).encode('12+7=')
 
 
+@pytest.mark.slow
 def test_fine_tuned_export_loads_in_transformers(small_config, hf_folder, tmp_path):
   summary = _run(small_config, hf_folder, tmp_path / 'run', lr=1e-2)
   assert summary['final_loss'] is not None

@@ -110,6 +110,7 @@ def test_check_out_wants_overwrite_for_a_non_empty_folder(tmp_path):
     ftjax.export.check_out(workdir, str(out), run, overwrite=True)
 
 
+@pytest.mark.slow
 def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_config, hf_folder,
                                                                        tmp_path):
   workdir = _pretrained_lora_run(small_config, hf_folder, tmp_path / 'run')
@@ -137,6 +138,7 @@ def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_co
   assert _digest(hf_folder) == base
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_nothing_and_keeps_the_old_folder(small_config, tmp_path,
                                                                  monkeypatch):
   small_config.train.steps, small_config.data.eval_path = 1, ''
@@ -189,6 +191,7 @@ def test_generate_and_complete_check_their_settings():
     generation.complete(model, [[1, 2]], batch_size=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, line', [
     ('--temperature=-1', '--temperature=-1.0 must be a finite number >= 0 (0 = greedy)'),
     ('--batch-size=0', '--batch-size=0 must be >= 1'),
@@ -243,6 +246,7 @@ def test_check_finite_names_the_parameters_that_are_not():
     generation.check_finite(model, 'model X')
 
 
+@pytest.mark.slow
 def test_generate_command_refuses_weights_with_nan(hf_folder, tmp_path):
   args = ['--prompt=1+2=', '--max-new-tokens=2']
   assert run_ftjax('generate', f'--pretrained={hf_folder}', *args).returncode == 0
@@ -259,6 +263,7 @@ def test_generate_command_refuses_weights_with_nan(hf_folder, tmp_path):
                   'the run that made it')
 
 
+@pytest.mark.slow
 def test_generate_command_refuses_more_tokens_than_the_model_context(hf_folder):
   # The tiny checkpoint says max_position_embeddings=256.
   line = _refused(run_ftjax('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',

@@ -86,6 +86,7 @@ def _bench_cli(*overrides):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_cli_full_and_lora():
   full = _bench_cli()
   for key in ('tokens_per_s', 'tokens_per_s_per_device', 'compile_s', 'mfu',

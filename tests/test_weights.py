@@ -31,6 +31,7 @@ def greedy(step, tokens, n):
 TOKENS = np.random.default_rng(0).integers(0, 160, size=(2, 40))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(CASES))
 def test_logits_and_greedy_tokens_match_transformers(case, hf_checkpoints):
   folder, hf = hf_checkpoints(case, max_shard_size='40KB')  # several shards + an index
@@ -57,7 +58,7 @@ def test_export_round_trip_loads_in_transformers(case, tmp_path, hf_checkpoints)
   assert set(back.state_dict()) == set(hf.state_dict())
 
 
-@pytest.mark.parametrize('path', ['cpu_2d', 'einsum'])
+@pytest.mark.parametrize('path', [pytest.param('cpu_2d', marks=pytest.mark.slow), 'einsum'])
 def test_llama_attention_bias_in_and_out(path, tmp_path, monkeypatch, hf_checkpoints):
   if path == 'einsum':  # the projections TPU and GPU run, instead of CPU's 2-D matmuls
     monkeypatch.setattr(sharding, 'platform', lambda: 'gpu')
@@ -82,7 +83,8 @@ def test_llama_attention_bias_in_and_out(path, tmp_path, monkeypatch, hf_checkpo
   np.testing.assert_allclose(hf_logits(back, TOKENS), logits, atol=1e-5)
 
 
-@pytest.mark.parametrize('use_dora', [False, True], ids=['lora', 'dora'])
+@pytest.mark.parametrize('use_dora', [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=['lora', 'dora'])
 def test_lora_on_biased_o_matches_peft_and_keeps_the_bias_frozen(use_dora, tmp_path):
   hf = make_hf('llama_bias', str(tmp_path / 'in'))
   adapter = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['o_proj'], use_dora=use_dora,
@@ -114,6 +116,7 @@ def test_biases_without_a_hugging_face_form_are_refused_on_export():
   assert 'attention_bias' not in llama.config_to_hf(qwen2, 'float32')
 
 
+@pytest.mark.slow
 def test_sharded_load_equals_single_device_load(hf_checkpoints):
   folder, _ = hf_checkpoints('gemma3')
   one = ftjax.load_pretrained(folder, mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
