@@ -27,6 +27,7 @@ def _packed_inputs(b=2, t=256, n=4, kv=2, h=32, seed=0):
   return q, k, v, jnp.asarray(seg), jnp.asarray(pos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('window, softcap', [(None, 0.0), (64, 0.0), (None, 30.0)])
 def test_splash_matches_xla_values_and_grads(interpreted, window, softcap):
   q, k, v, seg, pos = _packed_inputs()
@@ -44,6 +45,7 @@ def test_splash_matches_xla_values_and_grads(interpreted, window, softcap):
     np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.slow
 def test_splash_sharded_model_matches_xla(interpreted):
   """A Llama on a (1, 2, 2) mesh: splash under shard_map gives XLA's logits."""
   cfg = llama.Config(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,

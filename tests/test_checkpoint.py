@@ -5,14 +5,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from helpers import run_ftjax, start_ftjax, train_command
 
-from conftest import REPO
 from ftjax import checkpoint, sharding, train, trained
 from ftjax.hf import pretrained
 
@@ -38,6 +37,7 @@ def config(small_config):
   return small_config
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(config, tmp_path):
   train.run(config, str(tmp_path / 'straight'))
   config.train.stop_at_step = 3
@@ -52,6 +52,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(config, tmp_path):
                _params(str(tmp_path / 'straight')))
 
 
+@pytest.mark.slow
 def test_restore_on_another_mesh_continues_with_the_same_loss(config, tmp_path):
   config.mesh.shape = (1, 8, 1)
   config.train.stop_at_step = 3
@@ -66,6 +67,7 @@ def test_restore_on_another_mesh_continues_with_the_same_loss(config, tmp_path):
     assert other[step] == pytest.approx(same[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_names_what_differs(config, tmp_path):
   config.train.stop_at_step = 2
   train.run(config, str(tmp_path))
@@ -74,11 +76,6 @@ def test_incompatible_checkpoint_names_what_differs(config, tmp_path):
                      match=r'params\.blocks\.mlp\.\w+\.w\.value has shape \(2, \d+, \d+\) in the '
                            r'checkpoint, but the model expects \(2, \d+, \d+\)'):
     train.run(config, str(tmp_path))
-
-
-def _command(workdir, *flags):
-  return [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-          f'--workdir={workdir}', '--config.train.progress=False', *flags]
 
 
 # Big enough (~25M parameters, 300 MB with Adam state) that a save takes a while.
@@ -102,9 +99,8 @@ def _temporary(workdir):
 
 @pytest.mark.slow
 def test_kill_9_during_an_async_save_then_resume(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  proc = subprocess.Popen(_command(tmp_path, '--config.train.steps=30', *SLOW_SAVE), env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = start_ftjax(*train_command(tmp_path, '--config.train.steps=30', *SLOW_SAVE),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and not (_committed(tmp_path) and _temporary(tmp_path)):
     time.sleep(0.005)
@@ -113,8 +109,8 @@ def test_kill_9_during_an_async_save_then_resume(tmp_path):
   assert _temporary(tmp_path), 'no save was in flight when the process was killed'
   committed = _committed(tmp_path)
   assert committed and checkpoint.latest_step(str(tmp_path)) == committed[-1]
-  result = subprocess.run(_command(tmp_path, '--config.train.steps=30', *SLOW_SAVE), env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = run_ftjax(*train_command(tmp_path, '--config.train.steps=30', *SLOW_SAVE),
+                     timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from step {committed[-1]}' in result.stdout
   assert _committed(tmp_path)[-1] == 30 and not _temporary(tmp_path)
@@ -122,11 +118,10 @@ def test_kill_9_during_an_async_save_then_resume(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_the_restart_code(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   flags = ['--config.train.steps=400', '--config.train.log_every=1',
            '--config.ckpt.every_steps=1000']
-  proc = subprocess.Popen(_command(tmp_path, *flags), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+  proc = start_ftjax(*train_command(tmp_path, *flags), stdout=subprocess.PIPE,
+                     stderr=subprocess.DEVNULL, text=True)
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 240
   while time.time() < deadline and not (metrics.exists() and len(_losses(tmp_path)) >= 5):
@@ -137,7 +132,6 @@ def test_sigterm_saves_and_exits_with_the_restart_code(tmp_path):
   saved = _committed(tmp_path)
   assert len(saved) == 1 and 5 <= saved[0] < 400
   assert f'stopped after step {saved[0]}' in out
-  result = subprocess.run(_command(tmp_path, *flags, '--config.train.steps=400'), env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = run_ftjax(*train_command(tmp_path, *flags, '--config.train.steps=400'), timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from step {saved[0]}' in result.stdout

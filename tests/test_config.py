@@ -4,11 +4,10 @@ import glob
 import json
 import os
 import runpy
-import subprocess
-import sys
 
 import ml_collections
 import pytest
+from helpers import run_ftjax, train_command
 from ml_collections import config_flags  # noqa: F401  (registers the config loader)
 
 from conftest import REPO
@@ -31,13 +30,6 @@ def test_every_config_builds_locks_and_names_a_preset(path):
     config.model.no_such_key = 1  # locked: unknown keys are refused
 
 
-def _ftjax(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  cmd = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-         '--config.train.progress=False', *args]
-  return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-
-
 def _assert_one_line_error(result, *fragments):
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('ftjax: error:')]
@@ -48,34 +40,38 @@ def _assert_one_line_error(result, *fragments):
 
 
 def test_unknown_key(tmp_path):
-  result = _ftjax('--config.model.num_layerz=3', f'--workdir={tmp_path}')
+  result = run_ftjax(*train_command(tmp_path, '--config.model.num_layerz=3'))
   _assert_one_line_error(result, "unknown config key 'model.num_layerz'", 'num_layers')
 
 
 def test_wrong_type(tmp_path):
-  result = _ftjax('--config.train.steps=many', f'--workdir={tmp_path}')
+  result = run_ftjax(*train_command(tmp_path, '--config.train.steps=many'))
   _assert_one_line_error(result, '--config.train.steps=many', 'int')
 
 
+@pytest.mark.slow
 def test_mesh_that_does_not_match_the_devices(tmp_path):
-  result = _ftjax('--config.mesh.shape=(3,1,1)', f'--workdir={tmp_path}', devices=4)
+  result = run_ftjax(*train_command(tmp_path, '--config.mesh.shape=(3,1,1)'), devices=4)
   _assert_one_line_error(result, 'mesh.shape=(3, 1, 1) needs 3 devices, but 4 are available')
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_over_the_mesh(tmp_path):
-  result = _ftjax('--config.data.global_batch=12', f'--workdir={tmp_path}', devices=8)
+  result = run_ftjax(*train_command(tmp_path, '--config.data.global_batch=12'), devices=8)
   _assert_one_line_error(result, 'data.global_batch=12 must be divisible by the 8 batch shards')
 
 
+@pytest.mark.slow
 def test_missing_data_file(tmp_path):
-  result = _ftjax('--config.data.path=/no/such/train.jsonl', f'--workdir={tmp_path}')
+  result = run_ftjax(*train_command(tmp_path, '--config.data.path=/no/such/train.jsonl'))
   _assert_one_line_error(result, "data source '/no/such/train.jsonl': file not found")
 
 
+@pytest.mark.slow
 def test_malformed_data_line(tmp_path):
   bad = tmp_path / 'bad.jsonl'
   bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
-  result = _ftjax(f'--config.data.path={bad}', f'--workdir={tmp_path}')
+  result = run_ftjax(*train_command(tmp_path, f'--config.data.path={bad}'))
   _assert_one_line_error(result, f'{bad}:2:', '"completion"')
 
 
@@ -103,16 +99,12 @@ def _demo_config() -> ml_collections.ConfigDict:
 
 
 def test_data_commands(tmp_path):
-  prepare = subprocess.run(
-      [sys.executable, '-m', 'ftjax.main', 'data', 'prepare',
-       f'--source={REPO}/data/demo/eval.jsonl', f'--out={tmp_path}/eval.array_record'],
-      capture_output=True, text=True, timeout=300)
+  prepare = run_ftjax('data', 'prepare', f'--source={REPO}/data/demo/eval.jsonl',
+                      f'--out={tmp_path}/eval.array_record')
   assert prepare.returncode == 0, prepare.stderr[-2000:]
   assert 'wrote 200 records' in prepare.stdout
-  bench = subprocess.run(
-      [sys.executable, '-m', 'ftjax.main', 'data', 'bench', '--config', f'{REPO}/configs/demo.py',
-       f'--config.data.path={tmp_path}/eval.array_record', '--batches=3'],
-      capture_output=True, text=True, timeout=300)
+  bench = run_ftjax('data', 'bench', '--config', f'{REPO}/configs/demo.py',
+                    f'--config.data.path={tmp_path}/eval.array_record', '--batches=3')
   assert bench.returncode == 0, bench.stderr[-2000:]
   result = json.loads(bench.stdout.strip().splitlines()[-1])
   assert result['tokens_per_s'] > 0 and result['batches'] == 3

@@ -31,7 +31,7 @@ def texts_of(rows):
 
 @pytest.fixture
 def chat_tokenizer(tmp_path):
-  from test_pretrained_run import add_bpe_tokenizer
+  from helpers import add_bpe_tokenizer
 
   folder = tmp_path / 'tok'
   add_bpe_tokenizer(str(folder), ['<|im_start|>user\nhow are you?<|im_end|>\n'] * 50)
@@ -77,6 +77,7 @@ def test_prompt_completion_and_alpaca_masks():
   assert tok.decode([i for i, w in zip(ids, weights, strict=True) if w]) == '3'
 
 
+@pytest.mark.slow
 def test_packed_rows_give_the_logits_of_each_document_alone(tmp_path):
   records = [{'text': 'x' * n + str(n)} for n in (3, 9, 5, 14, 2, 7, 11, 4)]
   path = write_jsonl(tmp_path / 'docs.jsonl', records)
@@ -116,6 +117,7 @@ def test_hosts_see_disjoint_shards_that_cover_the_dataset(tmp_path):
     assert sorted(seen[0] + seen[1]) == sorted(r['text'] for r in records)
 
 
+@pytest.mark.slow
 def test_unpacked_global_batches_do_not_depend_on_the_process_count(tmp_path):
   path = write_jsonl(tmp_path / 'r.jsonl', [{'text': f'doc {i}'} for i in range(23)])
   make = lambda shard: data.train_batches([data.Source(path)], opts(), global_batch=4, seed=0,

@@ -1,12 +1,10 @@
 """The built-in demo, through the real command line: fine-tuning measurably helps."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from helpers import run_ftjax, train_command
 
 from conftest import REPO
 
@@ -17,10 +15,7 @@ def test_demo_accuracy_rises(tmp_path):
   # somewhere after step 500, and where exactly moves with the CPU's floating-point rounding
   # (a 600-step run gave 0.88 on one machine and 0.10 on another), so the test runs all of it:
   # seeds 0/1/2 end at 0.96/0.90/0.95 on the machine that showed it.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  cmd = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-         f'--workdir={tmp_path}', '--config.train.progress=False']
-  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  result = run_ftjax(*train_command(tmp_path))
   assert result.returncode == 0, result.stderr[-3000:]
   match = re.search(r'^held-out accuracy: before (\d\.\d\d) -> after (\d\.\d\d) \(n=200\)$',
                     result.stdout, re.MULTILINE)
@@ -36,13 +31,8 @@ def test_demo_accuracy_rises(tmp_path):
 
 @pytest.mark.slow
 def test_lora_on_a_partly_trained_demo_model_raises_accuracy(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-
   def ftjax(*args):
-    result = subprocess.run([sys.executable, '-m', 'ftjax.main', *args,
-                             '--config.train.progress=False'] if args[0] == 'train' else
-                            [sys.executable, '-m', 'ftjax.main', *args],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = run_ftjax(*args, *(['--config.train.progress=False'] if args[0] == 'train' else []))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

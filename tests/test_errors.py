@@ -5,28 +5,20 @@ Each case runs the real command in a subprocess: the exit code and stderr are th
 
 import gzip
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_ftjax, train_command
 
 from conftest import REPO, write_jsonl
 
 SMALL = ['--config.model.num_layers=1', '--config.model.embed_dim=16', '--config.model.mlp_dim=32',
          '--config.model.num_heads=2', '--config.model.num_kv_heads=1',
          '--config.model.head_dim=8', '--config.train.steps=2', '--config.train.log_every=1',
-         '--config.data.global_batch=8', '--config.eval.every_steps=0',
-         '--config.train.progress=False']
-
-
-def ftjax(*args, cwd=None):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, '-m', 'ftjax.main', *args], capture_output=True,
-                        text=True, timeout=600, env=env, cwd=cwd or REPO)
+         '--config.data.global_batch=8', '--config.eval.every_steps=0']
 
 
 def train(workdir, *flags, config=f'{REPO}/configs/demo.py'):
-  return ftjax('train', '--config', config, f'--workdir={workdir}', *SMALL, *flags)
+  return run_ftjax(*train_command(workdir, *SMALL, *flags, config=config), timeout=600)
 
 
 def one_line_error(result, *fragments):
@@ -39,16 +31,17 @@ def one_line_error(result, *fragments):
   return errors[0]
 
 
+@pytest.mark.slow
 def test_config_file_errors(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_config(:\n  pass\n')
-  one_line_error(ftjax('train', '--config', str(bad), '--workdir', str(tmp_path / 'w')),
+  one_line_error(run_ftjax('train', '--config', str(bad), '--workdir', str(tmp_path / 'w')),
                  f'{bad}:1: ', 'syntax error in the config file')
-  one_line_error(ftjax('train', '--config', str(tmp_path / 'nope.py'), '--workdir', 'w'),
+  one_line_error(run_ftjax('train', '--config', str(tmp_path / 'nope.py'), '--workdir', 'w'),
                  "nope.py': file not found")
   broken = tmp_path / 'broken.py'
   broken.write_text('def get_config():\n  return undefined_name\n')
-  one_line_error(ftjax('train', '--config', str(broken), '--workdir', str(tmp_path / 'w')),
+  one_line_error(run_ftjax('train', '--config', str(broken), '--workdir', str(tmp_path / 'w')),
                  'failed to load', 'NameError')
   assert not os.path.exists(tmp_path / 'w')
 
@@ -91,7 +84,7 @@ def test_workdir_errors(tmp_path):
                  'already holds checkpoints', '--config.ckpt.overwrite=True')
   assert (tmp_path / 'run' / 'config.json').read_text() == config_json
   (tmp_path / 'run' / 'config.json').write_text('{"model": ')
-  one_line_error(ftjax('export', f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "hf"}'),
+  one_line_error(run_ftjax('export', f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "hf"}'),
                  'config.json: not a readable ftjax config.json')
-  one_line_error(ftjax('generate', f'--workdir={tmp_path / "run"}', '--prompt=1+1='),
+  one_line_error(run_ftjax('generate', f'--workdir={tmp_path / "run"}', '--prompt=1+1='),
                  'config.json: not a readable ftjax config.json')

@@ -3,11 +3,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import run_command, run_ftjax
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import REPO, write_jsonl
@@ -66,6 +66,7 @@ def trained_run(tmp_path_factory):
   return workdir, summary, records
 
 
+@pytest.mark.slow
 def test_eval_metrics_and_samples_are_logged(trained_run):
   workdir, summary, records = trained_run
   rows = [r for r in _rows(workdir) if 'eval_loss' in r]
@@ -90,6 +91,7 @@ def test_eval_metrics_and_samples_are_logged(trained_run):
   assert summary['eval_loss_after'] < summary['eval_loss_before']
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(trained_run):
   workdir, _, _ = trained_run
   out = plot.plot(workdir)
@@ -100,14 +102,32 @@ def test_plot_writes_a_png(trained_run):
   assert (width, height) == (800, 600) and len(png) > 10_000
 
 
+def test_plot_keeps_the_last_row_of_a_step_and_needs_a_loss(tmp_path):
+  # Without a run: rows as a resumed run writes them (step 3 twice; the later row wins).
+  rows = [{'step': 0, 'eval_loss': 3.2}] + [
+      {'step': s, 'loss': 3.0 / s, 'learning_rate': 1e-3} for s in (1, 2, 3)] + [
+      {'step': 3, 'loss': 0.9, 'learning_rate': 1e-3}]
+  write_jsonl(tmp_path / 'metrics.jsonl', rows)
+  assert [r.get('loss') for r in plot.read_metrics(str(tmp_path))] == [None, 3.0, 1.5, 0.9]
+  out = plot.plot(str(tmp_path), str(tmp_path / 'loss.png'))
+  with open(out, 'rb') as f:
+    png = f.read()
+  assert out == str(tmp_path / 'loss.png') and png[:8] == b'\x89PNG\r\n\x1a\n'
+  assert (int.from_bytes(png[16:20], 'big'), int.from_bytes(png[20:24], 'big')) == (800, 600)
+  write_jsonl(tmp_path / 'metrics.jsonl', [{'step': 1, 'learning_rate': 1e-3}])
+  with pytest.raises(ValueError, match='has no loss or eval_loss values yet'):
+    plot.plot(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='no metrics to plot'):
+    plot.plot(str(tmp_path / 'missing'))
+
+
 def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run([sys.executable, '-m', 'ftjax.main', *args], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
+  result = run_ftjax(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
 
+@pytest.mark.slow
 def test_generate_and_plot_commands_from_a_run(trained_run, tmp_path):
   workdir, _, _ = trained_run
   out = tmp_path / 'out.jsonl'
@@ -129,6 +149,7 @@ def test_generate_and_plot_commands_from_a_run(trained_run, tmp_path):
   assert png.read_bytes()[:4] == b'\x89PNG'
 
 
+@pytest.mark.slow
 def test_generate_command_from_a_hf_folder_with_sampling(hf_folder, tmp_path):
   prompts = write_jsonl(tmp_path / 'prompts.jsonl', [
       {'prompt': '1+1='}, {'messages': [{'role': 'user', 'content': '2+2='}]}])
@@ -147,9 +168,9 @@ def test_generate_command_on_two_processes_matches_one(trained_run):
   args = ['-m', 'ftjax.main', 'generate', f'--workdir={workdir}', '--prompt=1+2=',
           '--prompt=3+4=', '--prompt=4+4=', '--max-new-tokens=5', '--out=-']
   one = [json.loads(line) for line in _cli(*args[2:]).splitlines()]
-  result = subprocess.run([sys.executable, f'{REPO}/launch/local.py', '--processes=2',
-                           '--devices-per-process=2', '--timeout=120', '--', sys.executable,
-                           *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+  result = run_command([sys.executable, f'{REPO}/launch/local.py', '--processes=2',
+                        '--devices-per-process=2', '--timeout=120', '--', sys.executable, *args],
+                       devices=None)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   rows = [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith('[0] {')]
   assert rows == one

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import cli_env, run_ftjax, start_ftjax, train_command
 
 from conftest import REPO, write_jsonl
 from ftjax import checkpoint, data, metrics, plot, resume, tokenizer, train, workdir
@@ -44,6 +45,7 @@ def _saved_params(workdir_path, step):
 
 # --- non-finite training -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_is_never_saved(config, tmp_path):
   # An absurd learning rate: step 1's update makes the weights huge, step 2's loss overflows.
   config.optim.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
@@ -57,6 +59,7 @@ def test_non_finite_loss_stops_the_run_and_is_never_saved(config, tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_skip_step_policy_keeps_the_weights_of_the_last_finite_step(config, tmp_path):
   config.optim.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
   config.train.update(steps=4, nan_policy='skip_step')
@@ -78,6 +81,7 @@ def _largest_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_is_detected_and_the_run_falls_back(config, tmp_path, capsys):
   train.run(config, str(tmp_path))
   step_dir = os.path.join(checkpoint.directory(str(tmp_path)), '4')
@@ -99,6 +103,7 @@ def test_a_flipped_byte_is_detected_and_the_run_falls_back(config, tmp_path, cap
   assert workdir.has_checkpoints(str(tmp_path))[-1] == 6
 
 
+@pytest.mark.slow
 def test_missing_and_truncated_files_name_the_checkpoint_and_the_file(config, tmp_path):
   train.run(config, str(tmp_path))
   root = checkpoint.directory(str(tmp_path))
@@ -136,9 +141,10 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(config, tmp_path):
   holder = subprocess.Popen([sys.executable, '-c', HOLD, str(tmp_path)], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, env=cli_env())
   try:
     assert holder.stdout.readline().strip() == 'holding'
     held = rf'in use by another run \(pid {holder.pid} on '
@@ -151,6 +157,7 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(config, tmp_path
   assert train.run(config, str(tmp_path))['preempted_at'] is None
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_existing_checkpoints_unless_overwrite(config, tmp_path):
   train.run(config, str(tmp_path))
   before = _snapshot(tmp_path)
@@ -167,6 +174,7 @@ def test_resume_never_refuses_existing_checkpoints_unless_overwrite(config, tmp_
   assert [r['step'] for r in rows if 'loss' in r] == [1, 2]  # the first run's rows are gone
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_directory_as_it_was(config, tmp_path):
   train.run(config, str(tmp_path))
   before = _snapshot(tmp_path)
@@ -176,6 +184,7 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(config, tmp_path):
   assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_step_replaces_the_newer_checkpoints(config, tmp_path, capsys):
   train.run(config, str(tmp_path))
   _, first_4 = _saved_params(str(tmp_path), 4)
@@ -189,6 +198,7 @@ def test_resuming_from_an_older_step_replaces_the_newer_checkpoints(config, tmp_
   assert workdir.has_checkpoints(str(tmp_path)) == [2, 4]
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_ignored_on_resume_and_by_plot(config, tmp_path, caplog):
   config.train.stop_at_step = 2
   train.run(config, str(tmp_path))
@@ -203,6 +213,7 @@ def test_a_torn_metrics_line_is_ignored_on_resume_and_by_plot(config, tmp_path, 
   assert os.path.getsize(plot.plot(str(tmp_path))) > 1000
 
 
+@pytest.mark.slow
 def test_steps_below_the_checkpoint_say_so(config, tmp_path, capsys):
   train.run(config, str(tmp_path))
   config.train.steps = 2
@@ -214,6 +225,7 @@ def test_steps_below_the_checkpoint_say_so(config, tmp_path, capsys):
 
 # --- changes on resume ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_changes_on_resume_are_printed(config, tmp_path, capsys):
   config.data.pack = False
   config.train.stop_at_step = 2
@@ -253,11 +265,6 @@ def test_a_changed_batch_size_keeps_the_position_in_records(tmp_path):
 
 # --- signals (the process's behaviour: subprocesses) ---------------------------------------------
 
-def _train_command(workdir_path, *flags):
-  return [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-          f'--workdir={workdir_path}', '--config.train.progress=False', *flags]
-
-
 def _wait_for_steps(proc, workdir_path, count, timeout=240):
   deadline = time.time() + timeout
   path = os.path.join(workdir_path, 'metrics.jsonl')
@@ -271,11 +278,10 @@ def _wait_for_steps(proc, workdir_path, count, timeout=240):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_75(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   flags = ['--config.train.steps=2000', '--config.train.log_every=1',
            '--config.ckpt.every_steps=5000', '--config.eval.every_steps=0']
-  proc = subprocess.Popen(_train_command(tmp_path, *flags), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = start_ftjax(*train_command(tmp_path, *flags), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
   _wait_for_steps(proc, tmp_path, 3)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=240)
@@ -309,12 +315,11 @@ def test_sigterm_interrupts_a_pipeline_that_is_waiting_for_data(tmp_path):
   records = [{'prompt': 'x' * 3000, 'completion': 'y'}] * 4000 + [{'prompt': '1+1=',
                                                                     'completion': '2'}]
   path = write_jsonl(tmp_path / 'slow.jsonl', records)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  proc = subprocess.Popen(
-      _train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
+  proc = start_ftjax(
+      *train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
                      '--config.eval.every_steps=0', '--config.data.on_too_long=skip',
                      '--config.train.steps=50'),
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not os.path.isfile(tmp_path / 'run' / 'config.json'):
     assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -328,6 +333,7 @@ def test_sigterm_interrupts_a_pipeline_that_is_waiting_for_data(tmp_path):
   assert 'stopped' in out
 
 
+@pytest.mark.slow
 def test_a_pretrained_run_names_its_architecture(small_config, hf_folder, tmp_path, capsys):
   for key in ('vocab_size', 'embed_dim', 'mlp_dim', 'num_layers', 'num_heads', 'num_kv_heads',
               'head_dim'):
@@ -350,13 +356,12 @@ def test_an_error_mid_run_waits_for_the_save_in_flight(tmp_path):
              for i in range(count)]
   records[bad] = {'prompt': 'x' * 500, 'completion': 'y'}
   path = write_jsonl(tmp_path / 'd.jsonl', records)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run(
-      _train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
+  result = run_ftjax(
+      *train_command(tmp_path / 'run', f'--config.data.path={path}', '--config.data.eval_path=',
                      '--config.eval.every_steps=0', '--config.data.on_too_long=error',
                      '--config.ckpt.every_steps=1', '--config.ckpt.max_to_keep=0',
                      '--config.train.steps=400'),
-      env=env, capture_output=True, text=True, timeout=600)
+      timeout=600)
   assert result.returncode == 2, result.stderr[-2000:]
   assert f'd.jsonl:{bad + 1}: example has' in result.stderr
   root = tmp_path / 'run' / 'checkpoints'

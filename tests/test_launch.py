@@ -3,6 +3,8 @@
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -47,3 +49,27 @@ def test_multi_slice_mesh_needs_slices_and_a_divisible_data_axis():
     sharding.make_mesh((1, -1, 1), num_slices=2)
   with pytest.raises(sharding.MeshError, match='belong to no TPU slices'):
     sharding.make_mesh((2, -1, 1), num_slices=2)
+
+
+REPORT = ('import os; e = os.environ; print("process", e["FTJAX_PROCESS_ID"], "of", '
+          'e["FTJAX_NUM_PROCESSES"], "devices", e["JAX_NUM_CPU_DEVICES"], "XLA_FLAGS" in e)')
+
+
+def test_local_launch_prefixes_each_process_and_stops_the_rest_on_a_failure(capsys, monkeypatch):
+  # Plain Python processes in place of ftjax: what launch/local.py does around any command.
+  from ftjax import launch
+
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert launch.main(['--processes=2', '--devices-per-process=3', '--', sys.executable, '-c',
+                      REPORT]) == 0
+  lines = sorted(capsys.readouterr().out.splitlines())
+  assert lines == ['[0] process 0 of 2 devices 3 False', '[1] process 1 of 2 devices 3 False']
+  # Process 1 fails at once; process 0 would run for a minute but is stopped.
+  fail = ('import os, sys, time; i = int(os.environ["FTJAX_PROCESS_ID"]); print("up", i, '
+          'flush=True); time.sleep(60 * (i == 0)); sys.exit(3)')
+  start = time.monotonic()
+  assert launch.launch([sys.executable, '-c', fail], processes=2, devices_per_process=1) == 3
+  assert time.monotonic() - start < 30
+  captured = capsys.readouterr()
+  assert '[1] up 1' in captured.out.splitlines()
+  assert '[launch] process 1 exited with 3; stopping the others' in captured.err

@@ -27,7 +27,10 @@ def _perturb_adapters(model):
         node.magnitude.set_value(node.magnitude.get_value() * 1.2)
 
 
-@pytest.mark.parametrize('variant', list(VARIANTS))
+@pytest.mark.parametrize('projection', [pytest.param('cpu_2d', marks=pytest.mark.slow), 'einsum'],
+                         indirect=True)
+@pytest.mark.parametrize('variant', [v if v == 'lora' else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
 def test_logits_unchanged_at_init_and_merge_is_exact(variant, projection):
   model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
   base = np.asarray(model(TOKENS))
@@ -46,6 +49,7 @@ def test_logits_unchanged_at_init_and_merge_is_exact(variant, projection):
   np.testing.assert_allclose(np.asarray(model(TOKENS)), unmerged, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_step_changes_only_adapters(small_config):
   small_config.lora.update(rank=4, alpha=8.0)
   arch = config_lib.model_config(small_config.model)
@@ -83,6 +87,7 @@ def _optimizer_bytes(arch, rank):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('preset,rank,bound', [('tiny', 8, 0.15), ('llama3p2_1b', 16, 0.01)])
 def test_lora_optimizer_state_is_a_small_fraction(preset, rank, bound):
   arch = llama.PRESETS[preset]
@@ -100,7 +105,10 @@ def test_targets_that_match_nothing_list_the_modules():
   assert lora.apply(model, rank=4, alpha=8.0, targets='q,v') == ['blocks.attn.q', 'blocks.attn.v']
 
 
-@pytest.mark.parametrize('kind,tolerance', [('int8', 0.02), ('int4', 0.35)])
+@pytest.mark.parametrize('projection', [pytest.param('cpu_2d', marks=pytest.mark.slow), 'einsum'],
+                         indirect=True)
+@pytest.mark.parametrize('kind,tolerance', [('int8', 0.02),
+                                            pytest.param('int4', 0.35, marks=pytest.mark.slow)])
 def test_quantized_base_stays_close_and_merges(kind, tolerance, projection):
   model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
   base = np.asarray(model(TOKENS))
@@ -135,6 +143,7 @@ def test_quantized_base_memory_for_a_1b_model():
   assert int8 < 0.65 * full and int4 < 0.45 * full
 
 
+@pytest.mark.slow
 def test_adapter_dropout_only_in_training():
   model = llama.Llama(llama.PRESETS['tiny'], rngs=nnx.Rngs(0))
   lora.apply(model, rank=4, alpha=8.0, targets='all-linear', dropout=0.5)
@@ -154,6 +163,7 @@ def test_adapter_dropout_only_in_training():
   np.testing.assert_array_equal(np.asarray(fresh(TOKENS, dropout_key=key)), base)
 
 
+@pytest.mark.slow
 def test_lora_dropout_trains(small_config, tmp_path):
   small_config.lora.update(rank=4, alpha=8.0, dropout=0.1)
   small_config.optim.lr = 1e-2
@@ -162,6 +172,7 @@ def test_lora_dropout_trains(small_config, tmp_path):
   assert np.isfinite(summary['final_loss']) and summary['train_step_compiles'] == 1
 
 
+@pytest.mark.slow
 def test_compiled_lora_step_keeps_only_adapter_state(small_config):
   small_config.model.update(embed_dim=128, mlp_dim=512, num_heads=4, num_kv_heads=4, head_dim=32)
   arch = config_lib.model_config(small_config.model)

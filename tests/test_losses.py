@@ -13,6 +13,7 @@ ARCH = llama.Config(vocab_size=97, embed_dim=32, num_layers=1, num_heads=4, num_
                     head_dim=8, mlp_dim=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('chunk', [4, 5, 16])  # 5 does not divide 16: the last chunk is padded
 def test_chunked_equals_plain_loss_and_grads(chunk):
   model = llama.Llama(ARCH, rngs=nnx.Rngs(0))

@@ -80,6 +80,7 @@ def test_logits_match_transformers(num_kv_heads, tie, scaling, projection):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_segments_do_not_attend_across_documents():
   arch = llama.PRESETS['tiny']
   model = llama.Llama(arch, rngs=nnx.Rngs(1))
@@ -93,6 +94,7 @@ def test_packed_segments_do_not_attend_across_documents():
   np.testing.assert_allclose(logits[0, 5:], model(jnp.asarray(b[None]))[0], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['dots', 'full'])
 def test_remat_does_not_change_values_or_gradients(remat):
   arch = llama.PRESETS['tiny']

@@ -2,29 +2,25 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from helpers import ftjax_command, run_command, run_ftjax, train_command
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
 RESTART = 75
 
 
 def _train(workdir, *flags, processes=1, devices=8, check=True):
-  train = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-           f'--workdir={workdir}', '--config.train.log_every=1', '--config.data.eval_path=',
-           '--config.train.progress=False', *flags]
-  env = dict(os.environ)
+  train = ftjax_command(*train_command(workdir, '--config.train.log_every=1',
+                                       '--config.data.eval_path=', *flags))
   if processes == 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    cmd = train
-  else:
-    cmd = [sys.executable, f'{REPO}/launch/local.py', f'--processes={processes}',
-           f'--devices-per-process={devices // processes}', '--timeout=120', '--', *train]
-  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = run_command(train, devices=devices)
+  else:  # launch/local.py gives each process its devices (and drops XLA_FLAGS)
+    result = run_command([sys.executable, f'{REPO}/launch/local.py', f'--processes={processes}',
+                          f'--devices-per-process={devices // processes}', '--timeout=120', '--',
+                          *train], devices=None)
   if check:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result
@@ -35,6 +31,7 @@ def _losses(workdir):
     return [r['loss'] for r in map(json.loads, f) if 'loss' in r]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   _train(tmp_path / 'one', '--config.train.steps=4')
   two = _train(tmp_path / 'two', '--config.train.steps=4', processes=2)
@@ -44,6 +41,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   assert two_losses == pytest.approx(one_losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_process_counts(tmp_path):
   _train(tmp_path / 'straight', '--config.train.steps=6')
   for first, second in ((2, 1), (1, 2)):
@@ -59,9 +57,8 @@ def test_checkpoints_move_between_process_counts(tmp_path):
 def test_a_process_that_never_joins_fails_fast_with_a_clear_message(tmp_path):
   env = dict(os.environ, FTJAX_COORDINATOR='127.0.0.1:1', FTJAX_NUM_PROCESSES='2',
              FTJAX_PROCESS_ID='1', FTJAX_DISTRIBUTED_TIMEOUT='5')
-  cmd = [sys.executable, '-m', 'ftjax.main', 'train', '--config', f'{REPO}/configs/demo.py',
-         f'--workdir={tmp_path}']
-  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+  result = run_ftjax('train', '--config', f'{REPO}/configs/demo.py', f'--workdir={tmp_path}',
+                     devices=None, env=env, timeout=120)
   assert result.returncode == 2
   assert 'process 1 could not join the run within 5s' in result.stderr
   assert 'the coordinator (process 0) at 127.0.0.1:1 never answered' in result.stderr

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers
-from test_weights import hf_logits
+from helpers import hf_logits
 
 import ftjax
 import ftjax.export
@@ -26,6 +26,7 @@ def _lora_run(config, hf_folder, workdir, **lora_settings):
   return train.run(config, str(workdir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('settings', [{}, dict(use_rslora=True), dict(use_dora=True)],
                          ids=['lora', 'rslora', 'dora'])
 def test_exported_adapter_loads_in_peft_with_the_same_logits(small_config, hf_folder, tmp_path,
@@ -46,6 +47,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(small_config, hf_fo
   np.testing.assert_allclose(ours, peft_logits, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('use_dora', [False, True], ids=['lora', 'dora'])
 def test_peft_adapter_loads_into_ftjax_with_the_same_logits(hf_folder, tmp_path, use_dora):
   base = transformers.AutoModelForCausalLM.from_pretrained(hf_folder,
@@ -63,6 +65,7 @@ def test_peft_adapter_loads_into_ftjax_with_the_same_logits(hf_folder, tmp_path,
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_continues_from_a_peft_adapter(small_config, hf_folder, tmp_path):
   base = transformers.AutoModelForCausalLM.from_pretrained(hf_folder)
   config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],

@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_ftjax
 
 from conftest import REPO
 from ftjax import plan
@@ -35,9 +34,8 @@ def test_gpu_topology_says_why():
 def _plan(*overrides):
   env = dict(os.environ, TPU_SKIP_MDS_QUERY='1', TPU_WORKER_HOSTNAMES='localhost',
              TPU_ACCELERATOR_TYPE='v5litepod-4')
-  out = subprocess.run([sys.executable, '-m', 'ftjax.main', 'plan', '--config',
-                        f'{REPO}/configs/demo.py', '--topology', 'v5e-4', *overrides],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
+  out = run_ftjax('plan', '--config', f'{REPO}/configs/demo.py', '--topology', 'v5e-4', *overrides,
+                  devices=None, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -2,36 +2,19 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from helpers import hf_logits, make_hf, run_command, run_ftjax
 from safetensors.numpy import load_file
-from test_weights import hf_logits, make_hf
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import ftjax
 import ftjax.export
-from conftest import REPO
 from ftjax import config as config_lib
 from ftjax import train
-
-SPECIALS = ['<pad>', '<s>', '</s>']
-
-
-def add_bpe_tokenizer(folder, texts):
-  """A small BPE tokenizer trained on `texts`, saved the way Hugging Face folders hold one."""
-  backend = Tokenizer(models.BPE(unk_token=None))
-  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=200, special_tokens=SPECIALS,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='<s>',
-                                              eos_token='</s>', pad_token='<pad>')
-  fast.save_pretrained(folder)
 
 
 def _run(config, hf_folder, workdir, *, lr):
@@ -58,13 +41,12 @@ def test_zero_lr_run_exports_the_original_weights_bit_exactly(small_config, hf_f
       hf_folder).encode('12+7=')
 
 
+@pytest.mark.slow
 def test_fine_tuned_export_loads_in_transformers(small_config, hf_folder, tmp_path):
   summary = _run(small_config, hf_folder, tmp_path / 'run', lr=1e-2)
   assert summary['final_loss'] is not None
-  result = subprocess.run(
-      [sys.executable, '-m', 'ftjax.main', 'export', f'--workdir={tmp_path / "run"}',
-       f'--out={tmp_path / "out"}', '--dtype=float32'], capture_output=True, text=True,
-      cwd=REPO, timeout=300)
+  result = run_ftjax('export', f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "out"}',
+                     '--dtype=float32')
   assert result.returncode == 0, result.stderr[-2000:]
   tokens = np.random.default_rng(0).integers(0, 320, size=(2, 24))
   theirs = transformers.AutoModelForCausalLM.from_pretrained(
@@ -115,8 +97,8 @@ def test_sharded_load_peak_host_memory(tmp_path):
   make_hf('llama', str(tmp_path), hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
           num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=8000)
   size = os.path.getsize(tmp_path / 'model.safetensors')
-  result = subprocess.run([sys.executable, '-c', MEMORY_PROBE, str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+  # XLA_FLAGS left alone: the probe asks for 8 devices itself.
+  result = run_command([sys.executable, '-c', MEMORY_PROBE, tmp_path], devices=None, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   rss = json.loads(result.stdout.strip().splitlines()[-1])
   growth = rss['peak'] - rss['before']

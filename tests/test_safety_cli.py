@@ -5,27 +5,19 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import run_ftjax
 from safetensors.numpy import load_file, save_file
 
 import ftjax
 import ftjax.export
-from conftest import REPO
 from ftjax import generation, train
 from ftjax.models import llama
 
 _NOT_AN_INPUT = '; choose another folder (--overwrite never replaces an input of the run)'
-
-
-def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, '-m', 'ftjax.main', *map(str, args)],
-                        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
 
 
 def _refused(result):
@@ -118,14 +110,15 @@ def test_check_out_wants_overwrite_for_a_non_empty_folder(tmp_path):
     ftjax.export.check_out(workdir, str(out), run, overwrite=True)
 
 
+@pytest.mark.slow
 def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_config, hf_folder,
                                                                        tmp_path):
   workdir = _pretrained_lora_run(small_config, hf_folder, tmp_path / 'run')
   base = _digest(hf_folder)
-  line = _refused(_cli('export', f'--workdir={workdir}', f'--out={hf_folder}', '--overwrite'))
+  line = _refused(run_ftjax('export', f'--workdir={workdir}', f'--out={hf_folder}', '--overwrite'))
   assert line == (f"ftjax: error: --out={hf_folder} is the run's base model folder "
                   f'(model.pretrained={hf_folder}){_NOT_AN_INPUT}')
-  line = _refused(_cli('export', f'--workdir={workdir}', f'--out={tmp_path}', '--overwrite'))
+  line = _refused(run_ftjax('export', f'--workdir={workdir}', f'--out={tmp_path}', '--overwrite'))
   assert line == (f'ftjax: error: --out={tmp_path} contains the run directory '
                   f'(--workdir={workdir}){_NOT_AN_INPUT}')
   assert _digest(hf_folder) == base
@@ -133,11 +126,11 @@ def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_co
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'notes.txt').write_text('mine')
-  line = _refused(_cli('export', f'--workdir={workdir}', f'--out={out}'))
+  line = _refused(run_ftjax('export', f'--workdir={workdir}', f'--out={out}'))
   assert line == f'ftjax: error: --out={out} is not empty; pass --overwrite to replace it'
   assert (out / 'notes.txt').read_text() == 'mine'
 
-  result = _cli('export', f'--workdir={workdir}', f'--out={out}', '--overwrite')
+  result = run_ftjax('export', f'--workdir={workdir}', f'--out={out}', '--overwrite')
   assert result.returncode == 0, result.stderr[-3000:]
   assert not (out / 'notes.txt').exists() and (out / 'model.safetensors').is_file()
   assert not _leftovers(tmp_path)
@@ -145,6 +138,7 @@ def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_co
   assert _digest(hf_folder) == base
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_nothing_and_keeps_the_old_folder(small_config, tmp_path,
                                                                  monkeypatch):
   small_config.train.steps, small_config.data.eval_path = 1, ''
@@ -197,6 +191,7 @@ def test_generate_and_complete_check_their_settings():
     generation.complete(model, [[1, 2]], batch_size=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, line', [
     ('--temperature=-1', '--temperature=-1.0 must be a finite number >= 0 (0 = greedy)'),
     ('--batch-size=0', '--batch-size=0 must be >= 1'),
@@ -207,7 +202,7 @@ def test_generate_and_complete_check_their_settings():
 ])
 def test_generate_command_refuses_bad_settings_before_reading_the_model(tmp_path, flag, line):
   # The model folder does not exist: the settings are refused before it would be read.
-  result = _cli('generate', f'--pretrained={tmp_path / "missing"}', '--prompt=1+2=', flag)
+  result = run_ftjax('generate', f'--pretrained={tmp_path / "missing"}', '--prompt=1+2=', flag)
   assert _refused(result) == f'ftjax: error: {line}'
 
 
@@ -233,7 +228,7 @@ def test_check_cache_fits_compares_the_cache_with_free_memory():
 
 def test_generate_command_refuses_a_kv_cache_larger_than_memory(hf_folder):
   # 10^12 new tokens: terabytes of keys and values on any machine.
-  line = _refused(_cli('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
+  line = _refused(run_ftjax('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
                        '--max-new-tokens=1000000000000'))
   assert re.fullmatch(
       r'ftjax: error: the KV cache for 1 rows of 1000000000016 positions \(prompt bucket 16 \+ '
@@ -251,9 +246,10 @@ def test_check_finite_names_the_parameters_that_are_not():
     generation.check_finite(model, 'model X')
 
 
+@pytest.mark.slow
 def test_generate_command_refuses_weights_with_nan(hf_folder, tmp_path):
   args = ['--prompt=1+2=', '--max-new-tokens=2']
-  assert _cli('generate', f'--pretrained={hf_folder}', *args).returncode == 0
+  assert run_ftjax('generate', f'--pretrained={hf_folder}', *args).returncode == 0
   poisoned = str(tmp_path / 'poisoned')
   shutil.copytree(hf_folder, poisoned)
   tensors = load_file(os.path.join(poisoned, 'model.safetensors'))
@@ -261,19 +257,20 @@ def test_generate_command_refuses_weights_with_nan(hf_folder, tmp_path):
   tensors[name] = tensors[name].copy()
   tensors[name][0, 0] = np.nan
   save_file(tensors, os.path.join(poisoned, 'model.safetensors'), metadata={'format': 'pt'})
-  line = _refused(_cli('generate', f'--pretrained={poisoned}', *args))
+  line = _refused(run_ftjax('generate', f'--pretrained={poisoned}', *args))
   assert line == (f'ftjax: error: the weights of --pretrained={poisoned} contain NaN or inf '
                   '(in blocks.mlp.down.w): the tokens would be garbage; check the checkpoint or '
                   'the run that made it')
 
 
+@pytest.mark.slow
 def test_generate_command_refuses_more_tokens_than_the_model_context(hf_folder):
   # The tiny checkpoint says max_position_embeddings=256.
-  line = _refused(_cli('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
+  line = _refused(run_ftjax('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
                        '--max-new-tokens=300'))
   assert re.fullmatch(
       r'ftjax: error: the longest prompt \(\d+ tokens\) \+ --max-new-tokens 300 = \d+ tokens '
       rf'exceeds the 256-token context of {re.escape(hf_folder)} \(max_position_embeddings\): '
       r'shorten the prompt or lower --max-new-tokens', line), line
-  assert _cli('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
+  assert run_ftjax('generate', f'--pretrained={hf_folder}', '--prompt=1+2=',
               '--max-new-tokens=4').returncode == 0

@@ -52,6 +52,7 @@ def test_logical_names_are_a_closed_set():
     sharding.spec(('batch', 'hidden'), sharding.RULES['fsdp'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', [(2, 2, 2), (1, 8, 1)])
 def test_sharded_step_equals_single_device(shape, addition_data):
   local = _batch(addition_data)
@@ -73,6 +74,7 @@ def _assert_close(actual, desired):
   np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_large_parameters_are_sharded():
   trainer = _setup((2, 2, 2), jax.devices())
   leaves = jax.tree.leaves(trainer.state.params)
@@ -101,6 +103,7 @@ def test_mesh_errors():
                 optim_kwargs=OPTIM, grad_accum=2, global_batch=8, seed=0)
 
 
+@pytest.mark.slow
 def test_an_8b_model_is_initialised_sharded_without_ever_being_whole():
   # Compiled, not run: the per-device memory of the sharded init of Llama 3.1 8B in bf16.
   arch = llama.PRESETS['llama3p1_8b']

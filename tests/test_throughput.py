@@ -1,12 +1,11 @@
 """Model FLOPs (by hand and against XLA's count), peak FLOP/s, and `ftjax bench`."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from helpers import run_ftjax
 
 from conftest import REPO
 from ftjax import bench, throughput
@@ -82,14 +81,13 @@ def test_peak_table_names_known_chips():
 
 
 def _bench_cli(*overrides):
-  out = subprocess.run(
-      [sys.executable, '-m', 'ftjax.main', 'bench', '--config', f'{REPO}/configs/demo.py',
-       '--steps', '3', *overrides],
-      capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+  out = run_ftjax('bench', '--config', f'{REPO}/configs/demo.py', '--steps', '3', *overrides,
+                  devices=None)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_cli_full_and_lora():
   full = _bench_cli()
   for key in ('tokens_per_s', 'tokens_per_s_per_device', 'compile_s', 'mfu',

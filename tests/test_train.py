@@ -19,6 +19,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
   # Eight records, a batch of eight: every step sees the same examples, so loss must collapse.
   records = [{'prompt': f'{a}+{a}=', 'completion': str(2 * a)} for a in range(8)]
@@ -51,6 +52,7 @@ def test_loss_falls_and_outputs_are_written(small_config, tmp_path):
   assert losses == pytest.approx([r['loss'] for r in rows[1:]], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(small_config, tmp_path):
   small_config.train.update(steps=3, log_every=1)
   small_config.mesh.shape = (2, 2, 2)
@@ -64,6 +66,7 @@ def test_grad_accumulation_matches_one_big_batch(small_config, tmp_path):
     assert b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_norms_and_embeddings(small_config):
   from ftjax import optim
 
@@ -91,6 +94,7 @@ def test_schedule_warms_up_then_decays():
   assert float(linear(50)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype,remat', [('bfloat16', 'dots'), ('float32', 'full')])
 def test_bf16_and_remat_runs_train(small_config, tmp_path, dtype, remat):
   small_config.model.update(dtype=dtype, param_dtype=dtype, remat=remat)
@@ -103,6 +107,7 @@ def test_bf16_and_remat_runs_train(small_config, tmp_path, dtype, remat):
   assert summary['train_step_compiles'] == 1
 
 
+@pytest.mark.slow
 def test_skipped_records_reach_metrics_and_summary(small_config, tmp_path, capsys):
   records = [{'prompt': f'{a}+{a}=', 'completion': str(2 * a)} for a in range(8)]
   path = write_jsonl(tmp_path / 'mixed.jsonl', records)

@@ -12,57 +12,13 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from helpers import CASES, COMMON, hf_logits, make_hf
 
 import ftjax
 from ftjax import lora, models, peft_io, sharding
 from ftjax.errors import CheckpointError
 from ftjax.hf import weights
 from ftjax.models import llama
-
-COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=256, rms_norm_eps=1e-6)
-GEMMA3_ROPE = {'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
-               'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}
-# Soft-caps, windows and rope settings are set small enough to change the logits here.
-CASES = {
-    'llama': ('llama', dict(tie_word_embeddings=False)),
-    'llama_bias': ('llama', dict(attention_bias=True)),  # biases on q, k, v and o
-    'llama3_mha_tied': ('llama', dict(num_key_value_heads=4, tie_word_embeddings=True,
-                                      rope_parameters={'rope_type': 'llama3', 'factor': 32.0,
-                                                       'low_freq_factor': 1.0,
-                                                       'high_freq_factor': 4.0, 'rope_theta': 5e5,
-                                                       'original_max_position_embeddings': 16})),
-    'mistral': ('mistral', dict(sliding_window=8)),
-    'qwen2': ('qwen2', dict()),
-    'qwen3': ('qwen3', dict()),
-    'gemma': ('gemma', dict(num_key_value_heads=1)),
-    'gemma2': ('gemma2', dict(sliding_window=8, attn_logit_softcapping=0.1,
-                              final_logit_softcapping=5.0, query_pre_attn_scalar=24)),
-    'gemma3': ('gemma3_text', dict(sliding_window=8, query_pre_attn_scalar=24,
-                                   layer_types=['sliding_attention', 'full_attention'],
-                                   rope_parameters=GEMMA3_ROPE)),
-}
-
-
-def make_hf(case: str, folder: str, max_shard_size: str = '5GB', **overrides):
-  """A tiny random HF model with every norm and bias perturbed, saved as safetensors."""
-  model_type, extra = CASES[case]
-  config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra, **overrides})
-  config._attn_implementation = 'eager'
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if 'norm' in name or 'bias' in name:
-        p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(folder, max_shard_size=max_shard_size)
-  return model
-
-
-def hf_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
 
 
 def greedy(step, tokens, n):
@@ -75,11 +31,12 @@ def greedy(step, tokens, n):
 TOKENS = np.random.default_rng(0).integers(0, 160, size=(2, 40))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(CASES))
-def test_logits_and_greedy_tokens_match_transformers(case, tmp_path):
-  hf = make_hf(case, str(tmp_path), max_shard_size='40KB')  # several shards + an index
-  assert os.path.isfile(tmp_path / weights.INDEX)
-  model = ftjax.load_pretrained(str(tmp_path), dtype='float32')
+def test_logits_and_greedy_tokens_match_transformers(case, hf_checkpoints):
+  folder, hf = hf_checkpoints(case, max_shard_size='40KB')  # several shards + an index
+  assert os.path.isfile(os.path.join(folder, weights.INDEX))
+  model = ftjax.load_pretrained(folder, dtype='float32')
   got = np.asarray(model(jnp.asarray(TOKENS)))
   want = hf_logits(hf, TOKENS)
   diff = float(np.max(np.abs(got - want)))
@@ -91,9 +48,9 @@ def test_logits_and_greedy_tokens_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['llama3_mha_tied', 'llama_bias', 'qwen2', 'gemma2', 'gemma3'])
-def test_export_round_trip_loads_in_transformers(case, tmp_path):
-  hf = make_hf(case, str(tmp_path / 'in'))
-  model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
+def test_export_round_trip_loads_in_transformers(case, tmp_path, hf_checkpoints):
+  folder, hf = hf_checkpoints(case)
+  model = ftjax.load_pretrained(folder, dtype='float32')
   ftjax.save_pretrained(model, str(tmp_path / 'out'), dtype='float32')
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'),
                                                            attn_implementation='eager').eval()
@@ -101,12 +58,12 @@ def test_export_round_trip_loads_in_transformers(case, tmp_path):
   assert set(back.state_dict()) == set(hf.state_dict())
 
 
-@pytest.mark.parametrize('path', ['cpu_2d', 'einsum'])
-def test_llama_attention_bias_in_and_out(path, tmp_path, monkeypatch):
+@pytest.mark.parametrize('path', [pytest.param('cpu_2d', marks=pytest.mark.slow), 'einsum'])
+def test_llama_attention_bias_in_and_out(path, tmp_path, monkeypatch, hf_checkpoints):
   if path == 'einsum':  # the projections TPU and GPU run, instead of CPU's 2-D matmuls
     monkeypatch.setattr(sharding, 'platform', lambda: 'gpu')
-  hf = make_hf('llama_bias', str(tmp_path / 'in'))
-  model = ftjax.load_pretrained(str(tmp_path / 'in'), dtype='float32')
+  folder, hf = hf_checkpoints('llama_bias')
+  model = ftjax.load_pretrained(folder, dtype='float32')
   assert model.cfg.qkv_bias and model.cfg.o_bias
   want = np.stack([hf.state_dict()[f'model.layers.{i}.self_attn.o_proj.bias'].numpy()
                    for i in range(2)])
@@ -126,7 +83,8 @@ def test_llama_attention_bias_in_and_out(path, tmp_path, monkeypatch):
   np.testing.assert_allclose(hf_logits(back, TOKENS), logits, atol=1e-5)
 
 
-@pytest.mark.parametrize('use_dora', [False, True], ids=['lora', 'dora'])
+@pytest.mark.parametrize('use_dora', [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=['lora', 'dora'])
 def test_lora_on_biased_o_matches_peft_and_keeps_the_bias_frozen(use_dora, tmp_path):
   hf = make_hf('llama_bias', str(tmp_path / 'in'))
   adapter = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['o_proj'], use_dora=use_dora,
@@ -158,19 +116,20 @@ def test_biases_without_a_hugging_face_form_are_refused_on_export():
   assert 'attention_bias' not in llama.config_to_hf(qwen2, 'float32')
 
 
-def test_sharded_load_equals_single_device_load(tmp_path):
-  make_hf('gemma3', str(tmp_path))
-  one = ftjax.load_pretrained(str(tmp_path), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-  eight = ftjax.load_pretrained(str(tmp_path), mesh=sharding.make_mesh((1, 4, 2)))
+@pytest.mark.slow
+def test_sharded_load_equals_single_device_load(hf_checkpoints):
+  folder, _ = hf_checkpoints('gemma3')
+  one = ftjax.load_pretrained(folder, mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  eight = ftjax.load_pretrained(folder, mesh=sharding.make_mesh((1, 4, 2)))
   q = eight.blocks.attn.q.w.get_value()
   assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
   np.testing.assert_allclose(np.asarray(eight(jnp.asarray(TOKENS))),
                              np.asarray(one(jnp.asarray(TOKENS))), atol=1e-5)
 
 
-def test_bf16_load_keeps_bf16_weights(tmp_path):
-  make_hf('llama', str(tmp_path))
-  model = ftjax.load_pretrained(str(tmp_path), dtype='bfloat16')
+def test_bf16_load_keeps_bf16_weights(hf_checkpoints):
+  folder, _ = hf_checkpoints('llama')
+  model = ftjax.load_pretrained(folder, dtype='bfloat16')
   assert model.embed.get_value().dtype == jnp.bfloat16
   assert model(jnp.asarray(TOKENS)).dtype == jnp.bfloat16
 
