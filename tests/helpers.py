@@ -136,7 +136,7 @@ def add_bpe_tokenizer(folder, texts):
 
 
 def digest(folder):
-  """Relative path -> (size, SHA-256) of every file under `folder`."""
+  """Relative path -> SHA-256 of every file under `folder`."""
   import hashlib
 
   out = {}

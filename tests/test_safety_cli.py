@@ -1,7 +1,6 @@
 """`ftjax export` never destroys inputs or leaves half-written folders; `ftjax generate` refuses
 settings, caches and weights that cannot give meaningful tokens, before reading any weight."""
 
-import hashlib
 import os
 import re
 import shutil
@@ -9,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import run_ftjax
+from helpers import digest, run_ftjax
 from safetensors.numpy import load_file, save_file
 
 import ftjax
@@ -26,17 +25,6 @@ def _refused(result):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1, result.stderr[-2000:]
   return lines[0]
-
-
-def _digest(folder):
-  """File name -> content hash of everything under `folder`."""
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-  return out
 
 
 def _leftovers(parent):
@@ -114,14 +102,14 @@ def test_check_out_wants_overwrite_for_a_non_empty_folder(tmp_path):
 def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_config, hf_folder,
                                                                        tmp_path):
   workdir = _pretrained_lora_run(small_config, hf_folder, tmp_path / 'run')
-  base = _digest(hf_folder)
+  base = digest(hf_folder)
   line = _refused(run_ftjax('export', f'--workdir={workdir}', f'--out={hf_folder}', '--overwrite'))
   assert line == (f"ftjax: error: --out={hf_folder} is the run's base model folder "
                   f'(model.pretrained={hf_folder}){_NOT_AN_INPUT}')
   line = _refused(run_ftjax('export', f'--workdir={workdir}', f'--out={tmp_path}', '--overwrite'))
   assert line == (f'ftjax: error: --out={tmp_path} contains the run directory '
                   f'(--workdir={workdir}){_NOT_AN_INPUT}')
-  assert _digest(hf_folder) == base
+  assert digest(hf_folder) == base
 
   out = tmp_path / 'out'
   out.mkdir()
@@ -135,7 +123,7 @@ def test_export_command_replaces_only_with_overwrite_and_never_an_input(small_co
   assert not (out / 'notes.txt').exists() and (out / 'model.safetensors').is_file()
   assert not _leftovers(tmp_path)
   ftjax.load_pretrained(str(out))
-  assert _digest(hf_folder) == base
+  assert digest(hf_folder) == base
 
 
 @pytest.mark.slow
