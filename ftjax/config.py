@@ -16,7 +16,7 @@ import ml_collections
 
 from ftjax import data, evals, lora, models, quantize, schema, tokenizer, workdir
 from ftjax.errors import CheckpointError, UserError
-from ftjax.hf import pretrained
+from ftjax.hf import gguf_file, pretrained
 from ftjax.models import layers
 
 DTYPES = pretrained.DTYPES
@@ -308,8 +308,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       evals.score_function(c.score_fn)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-  if config.model.pretrained and not os.path.isdir(config.model.pretrained):
-    raise ConfigError(f'model.pretrained={config.model.pretrained!r}: folder not found')
+  path = config.model.pretrained
+  if path and path.endswith(gguf_file.SUFFIX) and not os.path.isfile(path):
+    raise ConfigError(f'model.pretrained={path!r}: GGUF file not found')
+  if path and not path.endswith(gguf_file.SUFFIX) and not os.path.isdir(path):
+    raise ConfigError(f'model.pretrained={path!r}: folder not found')
 
 
 def _check_files(config: ml_collections.ConfigDict) -> None:

