@@ -69,12 +69,23 @@ def check_out(workdir: str, out_dir: str, inputs: dict[str, str], *, overwrite: 
     raise ExportError(f'--out={out_dir} is not empty; pass --overwrite to replace it')
 
 
-def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat16',
+def base_dtype(r: config_lib.Resolved) -> str:
+  """The dtype of the weights a run started from: its Hugging Face folder's `torch_dtype`, float32
+  for a (dequantized) GGUF, or `model.param_dtype` for a randomly initialised model."""
+  if not r.model.pretrained:
+    return r.model.param_dtype
+  hf = weights.open_checkpoint(r.model.pretrained).hf_config
+  dtype = hf.get('torch_dtype') or hf.get('dtype') or 'float32'
+  return dtype if dtype in weights.SAVE_DTYPES else 'float32'
+
+
+def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str | None = None,
            step: int | None = None, overwrite: bool = False) -> str:
   """Writes the run in `workdir` (its latest or `step` checkpoint); returns `out_dir`.
 
   `hf`: a full model folder (a LoRA run's adapters merged into the base). `peft`: only the
   adapters, as `adapter_config.json` + `adapter_model.safetensors` for `peft.PeftModel`. The
+  weights are written in `dtype` (default: `base_dtype`, what the run started from). The
   model is rebuilt exactly as the run built it (same base, same adapters), restored straight
   into a fully sharded layout, and gathered one tensor at a time. Every process calls this
   (the gathers are collective); process 0 writes. `overwrite` replaces a non-empty `out_dir`,
@@ -96,7 +107,7 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str = 'bfloat1
   if writer:
     shutil.rmtree(partial, ignore_errors=True)  # a crashed export's leftovers with our pid
   try:
-    _write(workdir, r, partial, fmt=fmt, dtype=dtype, step=step)
+    _write(workdir, r, partial, fmt=fmt, dtype=dtype or base_dtype(r), step=step)
   except BaseException:
     if writer:
       shutil.rmtree(partial, ignore_errors=True)

@@ -49,8 +49,10 @@ def _export_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('out', None, 'The Hugging Face (or PEFT) folder to write.', flag_values=fv)
   flags.DEFINE_enum('format', 'hf', ['hf', 'peft'],
                     'hf (full model; LoRA merged) or peft (adapter folder).', flag_values=fv)
-  flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
-                    'dtype of the written weights (default bfloat16).', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
+                    'dtype of the written weights (default: that of the weights the run started '
+                    'from: the base folder\'s torch_dtype, float32 for a GGUF, else '
+                    'model.param_dtype).', flag_values=fv)
   flags.DEFINE_boolean('overwrite', False, 'replace a non-empty --out folder (never the run, '
                        'its base model, adapter or tokenizer).', flag_values=fv)
   cli.distributed_flags(fv)
@@ -140,12 +142,12 @@ def _export(fv: flags.FlagValues, argv: list[str]) -> None:
     cli.fail(f'unexpected arguments: {argv[1:]}')
   if not fv.workdir or not fv.out:
     cli.fail('usage: ftjax export --workdir RUN --out DIR [--format hf|peft] '
-          '[--dtype bfloat16|float32] [--overwrite]')
+          '[--dtype float32|bfloat16|float16] [--overwrite]')
   if not os.path.isfile(os.path.join(fv.workdir, 'config.json')):
     cli.fail(f'--workdir={fv.workdir!r} holds no config.json: not an ftjax run directory')
   try:
     out = export.export(fv.workdir, fv.out, fmt=fv.format,
-                        dtype=fv.dtype or 'bfloat16', overwrite=fv.overwrite)
+                        dtype=fv.dtype, overwrite=fv.overwrite)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   print(f'exported {fv.workdir} -> {out}')

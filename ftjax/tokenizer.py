@@ -151,9 +151,12 @@ def _token_text(value: Any) -> str | None:
 
 
 def load(spec: str) -> Tokenizer:
-  """'byte', a tokenizer.json file, or a folder with tokenizer.json or a SentencePiece model."""
+  """'byte', a tokenizer.json file, a folder with tokenizer.json or a SentencePiece model, or a
+  llama.cpp .gguf file (its embedded byte-level BPE vocabulary and chat template)."""
   if spec == BYTE:
     return byte_level()
+  if spec.endswith('.gguf'):
+    return _from_gguf(spec)
   folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
   config: dict[str, Any] = {}
   if os.path.isfile(os.path.join(folder, 'tokenizer_config.json')):
@@ -174,6 +177,28 @@ def load(spec: str) -> Tokenizer:
   raise FileNotFoundError(
       f'data.tokenizer={spec!r}: no tokenizer.json or tokenizer.model found there; pass '
       f'{BYTE!r} for the built-in byte-level tokenizer, a tokenizer.json file, or a folder.')
+
+
+def _from_gguf(path: str) -> Tokenizer:
+  """The byte-level BPE tokenizer a GGUF embeds (`tokenizer.ggml.*`), as transformers builds it."""
+  from ftjax.hf import gguf_file
+
+  meta = gguf_file.GgufCheckpoint(path).tokenizer_metadata()
+  tokens = meta['tokens']
+  vocab = {token: i for i, token in enumerate(tokens)}
+  merges = [tuple(m.split(' ', 1)) for m in meta['merges']]
+  backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  kinds = meta['token_type'] or [1] * len(tokens)
+  # 3 = CONTROL (special tokens such as <|im_start|>), 4 = USER_DEFINED (matched whole in text).
+  backend.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
+                              for t, k in zip(tokens, kinds, strict=True) if k == 3])
+  backend.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False)
+                      for t, k in zip(tokens, kinds, strict=True) if k == 4])
+  name = lambda key: tokens[meta['ids'][key]] if meta['ids'][key] is not None else None  # noqa: E731
+  return _from_backend(backend, path, name('bos'), name('eos'), name('padding'),
+                       meta['chat_template'])
 
 
 def _sentencepiece(path: str, special: dict[str, str | None], template: str | None) -> Tokenizer:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+from pathlib import Path
 
 import gguf
 import jax
@@ -160,18 +161,64 @@ def test_not_gguf_truncated_and_unsupported_files_are_refused(tiny_gguf, tmp_pat
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_logits_match_transformers_gguf_loader():
+def test_smollm2_gguf_matches_transformers_gguf_loader():
+  """The real model: logits on several languages, the tokenizer's ids, greedy chat decoding."""
+  from ftjax import tokenizer
+
   path = _smollm2()
   model = ftjax.load_pretrained(path, dtype='float32')
   folder, name = os.path.dirname(path), os.path.basename(path)
   reference = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                                 dtype=torch.float32)
-  tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-  for text in ['The capital of France is', 'Der schnelle braune Fuchs springt über den Hund.',
-               '日本の首都は東京です。', 'def add(a, b):\n    return']:
-    ids = tok(text, return_tensors='np')['input_ids']
+  ref_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  tok = tokenizer.load(path)
+  texts = ['The capital of France is', 'Der schnelle braune Fuchs springt über den Hund.',
+           '日本の首都は東京です。', 'Привет, как дела? Ça va très bien, merci !',
+           'def add(a, b):\n    return a + b  # 😀 123456']
+  for text in texts:
+    ids = ref_tok(text, add_special_tokens=False)['input_ids']
+    assert tok.encode(text) == ids, text
+    assert tok.decode(ids) == text
     with torch.no_grad():
-      want = reference(torch.tensor(ids)).logits.numpy()
-    got = np.asarray(model(jax.numpy.asarray(ids)))
+      want = reference(torch.tensor([ids])).logits.numpy()
+    got = np.asarray(model(jax.numpy.asarray([ids])))
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+  chat = tok.apply_chat_template([{'role': 'user', 'content': 'What is 2+2?'}],
+                                 add_generation_prompt=True)
+  prompt = tok.encode(chat)
+  with torch.no_grad():
+    want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=tok.eos_id)[0, len(prompt):].tolist()
+  got = ftjax.generate(model, np.asarray([prompt], np.int32), max_new_tokens=12,
+                       eos_id=tok.eos_id)
+  got = [t for t in np.asarray(got)[0].tolist()][:len(want)]
+  assert got == want, (tok.decode(got), tok.decode(want))
+
+
+def test_export_dtype_defaults_to_the_weights_the_run_started_from(small_config, hf_folder,
+                                                                   tiny_gguf, tmp_path):
+  import json
+  import shutil
+
+  from ftjax import config as config_lib
+  from ftjax import export
+
+  def base(pretrained, param_dtype='float32'):
+    c = small_config.copy_and_resolve_references()
+    c.model.update({k: None for k in ('vocab_size', 'embed_dim', 'mlp_dim', 'num_layers',
+                                      'num_heads', 'num_kv_heads', 'head_dim')}
+                   if pretrained else {})
+    c.model.update(pretrained=pretrained, param_dtype=param_dtype)
+    return export.base_dtype(config_lib.resolve(c))
+
+  hf = json.loads((Path(hf_folder) / 'config.json').read_text())
+  assert hf['dtype'] == 'float32'
+  assert base(hf_folder) == 'float32'
+  bf16 = tmp_path / 'bf16'
+  shutil.copytree(hf_folder, bf16)
+  (bf16 / 'config.json').write_text(json.dumps({**hf, 'dtype': 'bfloat16',
+                                                'torch_dtype': 'bfloat16'}))
+  assert base(str(bf16)) == 'bfloat16'
+  assert base(tiny_gguf[1]) == 'float32'  # dequantized
+  assert base('', param_dtype='bfloat16') == 'bfloat16'

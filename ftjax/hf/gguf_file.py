@@ -10,6 +10,7 @@ llama.cpp publishes); nothing in the file is executed.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Any
 
@@ -28,6 +29,15 @@ def is_gguf(path: str) -> bool:
   return path.endswith(SUFFIX) and os.path.isfile(path)
 
 
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime_ns: int) -> Any:
+  """One memory-mapped reader per file version (config, tokenizer and weights share it)."""
+  import gguf
+
+  del mtime_ns  # part of the cache key only
+  return gguf.GGUFReader(path)
+
+
 class GgufCheckpoint:
   """A GGUF file with the reading interface of `ftjax.hf.weights.Folder` (Hugging Face names)."""
 
@@ -38,7 +48,7 @@ class GgufCheckpoint:
     if not os.path.isfile(path):
       raise CheckpointError(f'{path}: no such GGUF file')
     try:
-      self._reader = gguf.GGUFReader(path)
+      self._reader = _reader(path, os.stat(path).st_mtime_ns)
     except (ValueError, OSError, IndexError, KeyError) as e:
       raise CheckpointError(f'{path}: not a readable GGUF file ({e}); is it truncated or not '
                             'a GGUF file?') from None
@@ -100,9 +110,18 @@ class GgufCheckpoint:
         attention_bias=a == 'llama' and 'blk.0.attn_q.bias' in self._tensors,
         torch_dtype='float32')
 
-  @property
-  def chat_template(self) -> str | None:
-    return self._value('tokenizer.chat_template')
+  def tokenizer_metadata(self) -> dict[str, Any]:
+    """`tokenizer.ggml.*` and the chat template, as plain Python values."""
+    model = self._value('tokenizer.ggml.model')
+    if model != 'gpt2':
+      raise CheckpointError(f'{self.path}: GGUF tokenizer model {model!r} is not supported '
+                            "(supported: 'gpt2', byte-level BPE); pass data.tokenizer")
+    ids = {k: self._value(f'tokenizer.ggml.{k}_token_id') for k in ('bos', 'eos', 'padding')}
+    return dict(tokens=list(self._value('tokenizer.ggml.tokens')),
+                merges=list(self._value('tokenizer.ggml.merges', [])),
+                token_type=list(self._value('tokenizer.ggml.token_type', [])),
+                pre=self._value('tokenizer.ggml.pre'), ids=ids,
+                chat_template=self._value('tokenizer.chat_template'))
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(self._tensor(name).shape))

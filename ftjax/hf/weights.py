@@ -27,6 +27,7 @@ from ftjax.errors import CheckpointError
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'tokenizer.model', 'generation_config.json', 'chat_template.jinja')
 INDEX = 'model.safetensors.index.json'
+SAVE_DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16, 'float16': np.float16}
 
 
 def _names(keypath) -> tuple[str, ...]:
@@ -167,7 +168,7 @@ def save(params: Any, cfg: Any, out_dir: str, *, dtype: str = 'bfloat16',
   gathered one at a time (one layer of a stacked parameter at a time).
   """
   tmap = models.family_of(cfg).hf_tensors(cfg)
-  np_dtype = {'float32': np.float32, 'bfloat16': jnp.bfloat16}[dtype]
+  np_dtype = SAVE_DTYPES[dtype]
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(out_dir, exist_ok=True)
