@@ -14,11 +14,13 @@ import jax
 from flax import nnx
 
 from ftjax import config as config_lib
-from ftjax import lora, peft_io, tokenizer, trained
+from ftjax import lora, models, peft_io, tokenizer, trained
 from ftjax.errors import UserError
-from ftjax.hf import weights
+from ftjax.hf import gguf_file, weights
 
-FORMATS = ('hf', 'peft')
+FORMATS = ('hf', 'peft', 'gguf')
+# --dtype spellings: Hugging Face names, and llama.cpp's for --format gguf (q8_0 only there).
+_GGUF_DTYPE = {'float32': 'f32', 'float16': 'f16', 'bfloat16': 'bf16'}
 
 
 class ExportError(UserError):
@@ -107,7 +109,7 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str | None = N
   if writer:
     shutil.rmtree(partial, ignore_errors=True)  # a crashed export's leftovers with our pid
   try:
-    _write(workdir, r, partial, fmt=fmt, dtype=dtype or base_dtype(r), step=step)
+    _write(workdir, r, partial, fmt=fmt, dtype=_dtype(fmt, dtype or base_dtype(r)), step=step)
   except BaseException:
     if writer:
       shutil.rmtree(partial, ignore_errors=True)
@@ -117,10 +119,24 @@ def export(workdir: str, out_dir: str, *, fmt: str = 'hf', dtype: str | None = N
   return out_dir
 
 
+def _dtype(fmt: str, dtype: str) -> str:
+  if fmt == 'gguf':
+    return _GGUF_DTYPE.get(dtype, dtype)
+  if dtype not in weights.SAVE_DTYPES:
+    raise ValueError(f'--dtype={dtype!r} is for --format gguf; --format {fmt} writes one of '
+                     f'{list(weights.SAVE_DTYPES)}')
+  return dtype
+
+
 def _write(workdir: str, r: config_lib.Resolved, out_dir: str, *, fmt: str, dtype: str,
            step: int | None) -> None:
   module = trained.from_run(workdir, r, step=step)
   base = r.model.pretrained
+  if fmt == 'gguf':
+    if r.lora is not None:
+      lora.merge(module)
+    _write_gguf(module, r, out_dir, dtype)
+    return
   if fmt == 'peft':
     peft_io.save(module, out_dir, base_model=base)
     return
@@ -131,6 +147,21 @@ def _write(workdir: str, r: config_lib.Resolved, out_dir: str, *, fmt: str, dtyp
   weights.save(nnx.state(module, nnx.Param), module.cfg, out_dir, dtype=dtype, tokenizer_dir=folder)
   if folder is None and jax.process_index() == 0:
     tokenizer.load(source).save(out_dir)
+
+
+def _write_gguf(module: nnx.Module, r: config_lib.Resolved, path: str, dtype: str) -> None:
+  cfg = module.cfg
+  tensors = weights.gathered(nnx.state(module, nnx.Param), cfg)
+  if jax.process_index() != 0:
+    for _ in tensors:  # the gathers are collective
+      pass
+    return
+  base = r.model.pretrained
+  context = (weights.open_checkpoint(base).hf_config.get('max_position_embeddings')
+             if base else None)
+  gguf_file.write(tensors, cfg, models.family_of(cfg).config_to_hf(cfg, 'float32'), path,
+                  dtype=dtype, tok=tokenizer.load(r.data.options.tokenizer),
+                  context_length=context)
 
 
 def _replace(partial: str, final: str) -> None:

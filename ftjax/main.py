@@ -46,13 +46,17 @@ def _train_flags(fv: flags.FlagValues) -> None:
 
 def _export_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('workdir', None, 'The run directory to export.', flag_values=fv)
-  flags.DEFINE_string('out', None, 'The Hugging Face (or PEFT) folder to write.', flag_values=fv)
-  flags.DEFINE_enum('format', 'hf', ['hf', 'peft'],
-                    'hf (full model; LoRA merged) or peft (adapter folder).', flag_values=fv)
-  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
+  flags.DEFINE_string('out', None, 'The Hugging Face (or PEFT) folder, or the .gguf file, to '
+                      'write.', flag_values=fv)
+  flags.DEFINE_enum('format', 'hf', ['hf', 'peft', 'gguf'],
+                    'hf (full model; LoRA merged), peft (adapter folder) or gguf (one llama.cpp '
+                    'file; LoRA merged).', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16', 'f32', 'f16', 'bf16',
+                                    'q8_0'],
                     'dtype of the written weights (default: that of the weights the run started '
                     'from: the base folder\'s torch_dtype, float32 for a GGUF, else '
-                    'model.param_dtype).', flag_values=fv)
+                    'model.param_dtype); q8_0 (and the f32/f16/bf16 spellings) for --format '
+                    'gguf.', flag_values=fv)
   flags.DEFINE_boolean('overwrite', False, 'replace a non-empty --out folder (never the run, '
                        'its base model, adapter or tokenizer).', flag_values=fv)
   cli.distributed_flags(fv)
@@ -141,8 +145,8 @@ def _export(fv: flags.FlagValues, argv: list[str]) -> None:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {argv[1:]}')
   if not fv.workdir or not fv.out:
-    cli.fail('usage: ftjax export --workdir RUN --out DIR [--format hf|peft] '
-          '[--dtype float32|bfloat16|float16] [--overwrite]')
+    cli.fail('usage: ftjax export --workdir RUN --out DIR|FILE.gguf [--format hf|peft|gguf] '
+          '[--dtype float32|bfloat16|float16|q8_0] [--overwrite]')
   if not os.path.isfile(os.path.join(fv.workdir, 'config.json')):
     cli.fail(f'--workdir={fv.workdir!r} holds no config.json: not an ftjax run directory')
   try:

@@ -99,7 +99,7 @@ def write_gguf(hf_dir: str, path: str, *, types: dict[str, Q] | None = None,
 def tiny_gguf(tmp_path_factory):
   root = tmp_path_factory.mktemp('gguf')
   hf_dir = str(root / 'hf')
-  make_hf('llama', hf_dir, vocab_size=256)
+  make_hf('llama', hf_dir, vocab_size=320)  # room for the byte tokenizer's 259
   path = str(root / 'tiny.gguf')
   write_gguf(hf_dir, path)
   return hf_dir, path
@@ -222,3 +222,50 @@ def test_export_dtype_defaults_to_the_weights_the_run_started_from(small_config,
   assert base(str(bf16)) == 'bfloat16'
   assert base(tiny_gguf[1]) == 'float32'  # dequantized
   assert base('', param_dtype='bfloat16') == 'bfloat16'
+
+
+@pytest.mark.parametrize('dtype', ['f32', 'q8_0'])
+def test_a_run_from_a_gguf_exports_gguf_and_hf(small_config, tiny_gguf, tmp_path, dtype):
+  """Train two steps from the tiny GGUF, export it as GGUF (f32: the very tensors; q8_0: close)
+  and as a Hugging Face folder; the GGUF reads back with the run's logits."""
+  import json
+
+  from ftjax import export, train, trained
+
+  hf_dir, path = tiny_gguf
+  c = small_config
+  c.model.update({k: None for k in ('vocab_size', 'embed_dim', 'mlp_dim', 'num_layers',
+                                    'num_heads', 'num_kv_heads', 'head_dim')})
+  c.model.pretrained = path
+  c.data.tokenizer = 'byte'
+  c.train.update(steps=2, log_every=1)
+  workdir = str(tmp_path / 'run')
+  train.run(c, workdir)
+  out = str(tmp_path / 'model.gguf')
+  export.export(workdir, out, fmt='gguf', dtype=dtype)
+  back = gguf_file.GgufCheckpoint(out)
+  model = trained.from_run(workdir, trained.read_run(workdir))
+  ids = jax.numpy.asarray([[1, 5, 9, 33, 7, 200, 3, 17]])
+  want = np.asarray(model(ids))
+  got = np.asarray(ftjax.load_pretrained(out, dtype='float32')(ids))
+  np.testing.assert_allclose(got, want, atol=1e-5 if dtype == 'f32' else 5e-2)
+  assert back.hf_config['num_hidden_layers'] == 2
+  reader = gguf.GGUFReader(out)
+  assert reader.fields['general.architecture'].contents() == 'llama'
+  assert len(reader.fields['tokenizer.ggml.tokens'].contents()) == back.hf_config['vocab_size']
+  if dtype == 'f32':  # the exported tensors are the run's, exactly
+    from flax import nnx
+
+    from ftjax.hf import weights
+
+    run_tensors = dict(weights.gathered(nnx.state(model, nnx.Param), model.cfg))
+    assert set(run_tensors) == set(back.weight_map)
+    for name, x in run_tensors.items():
+      np.testing.assert_array_equal(back.tensor(name), x, err_msg=name)
+    hf_out = str(tmp_path / 'hf_out')
+    export.export(workdir, hf_out, fmt='hf')
+    assert json.loads((Path(hf_out) / 'config.json').read_text())['dtype'] == 'float32'
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32)
+    with torch.no_grad():
+      logits = ref(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)

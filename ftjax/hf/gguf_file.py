@@ -178,3 +178,103 @@ def _hf_names(hf: dict[str, Any]) -> list[str]:
     per_layer += [f'self_attn.{proj}_proj.weight', f'self_attn.{proj}_proj.bias']
   return names + [f'model.layers.{i}.{n}' for i in range(hf['num_hidden_layers'])
                   for n in per_layer]
+
+
+# ---------------------------------------------------------------------------- writing
+
+# `ftjax export --format gguf --dtype`: how 2-D matrices are stored (vectors stay F32, as
+# llama.cpp's converter keeps them).
+WRITE_TYPES = ('f32', 'f16', 'bf16', 'q8_0')
+
+
+def write(tensors: Any, cfg: Any, hf: dict[str, Any], path: str, *, dtype: str, tok: Any,
+          name: str = '', context_length: int | None = None) -> None:
+  """Writes a GGUF file llama.cpp loads: metadata from `hf` (the config.json dict of `cfg`),
+  the tokenizer `tok` (byte-level BPE) with its chat template, and `tensors` ((HF name, float32
+  array) pairs, as `ftjax.hf.weights.gathered` yields them), q/k rows permuted back."""
+  import gguf
+
+  if dtype not in WRITE_TYPES:
+    raise ValueError(f'--dtype={dtype!r} for --format gguf; expected one of {WRITE_TYPES}')
+  arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf['model_type'])
+  if arch is None or cfg.qk_norm and arch != 'qwen3':
+    raise CheckpointError(f"model_type {hf['model_type']!r} has no GGUF export in ftjax; "
+                          f'supported: {sorted(ARCHITECTURES.values())}')
+  w = gguf.GGUFWriter(path, arch)
+  w.add_name(name or f'ftjax {hf["model_type"]}')
+  w.add_block_count(cfg.num_layers)
+  w.add_context_length(int(context_length or 4096))
+  w.add_embedding_length(cfg.embed_dim)
+  w.add_feed_forward_length(cfg.mlp_dim)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+  w.add_key_length(cfg.head_dim)
+  w.add_value_length(cfg.head_dim)
+  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_rope_freq_base(float(cfg.rope_theta))
+  w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+  w.add_vocab_size(cfg.vocab_size)
+  file_type = {'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
+               'bf16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}
+  w.add_file_type(file_type[dtype])
+  _add_tokenizer(w, tok, cfg.vocab_size)
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_layers)
+  qtype = {'bf16': gguf.GGMLQuantizationType.BF16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}
+  for hf_name, x in tensors:
+    x = np.asarray(x, np.float32)
+    if hf_name.endswith(('q_proj.weight', 'q_proj.bias')):
+      x = _permute(x, cfg.num_heads)
+    elif hf_name.endswith(('k_proj.weight', 'k_proj.bias')):
+      x = _permute(x, cfg.num_kv_heads)
+    gguf_name = names.get_name(hf_name, try_suffixes=('.weight', '.bias'))
+    if x.ndim == 1 or dtype == 'f32':
+      w.add_tensor(gguf_name, np.ascontiguousarray(x))
+    elif dtype == 'f16':
+      w.add_tensor(gguf_name, np.ascontiguousarray(x.astype(np.float16)))
+    else:
+      w.add_tensor(gguf_name, gguf.quants.quantize(x, qtype[dtype]), raw_dtype=qtype[dtype])
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def _permute(x: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (the inverse of `_unpermute`)."""
+  return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(
+      x.shape)
+
+
+def _add_tokenizer(w: Any, tok: Any, vocab_size: int) -> None:
+  """`tokenizer.ggml.*` of a byte-level BPE `ftjax.tokenizer.Tokenizer` (its `backend`)."""
+  import json
+
+  if tok.backend is None:
+    raise CheckpointError(f'{tok.source}: only byte-level BPE tokenizers (tokenizer.json or a '
+                          'GGUF) can be written into a GGUF file')
+  spec = json.loads(tok.backend.to_str())
+  if spec['model']['type'] != 'BPE':
+    raise CheckpointError(f"{tok.source}: a {spec['model']['type']} tokenizer cannot be written "
+                          'into a GGUF file (byte-level BPE only)')
+  vocab = tok.backend.get_vocab(with_added_tokens=True)
+  tokens = [f'[PAD{i}]' for i in range(vocab_size)]
+  for token, i in vocab.items():
+    if i < vocab_size:
+      tokens[i] = token
+  added = {a['id']: a for a in spec.get('added_tokens', [])}
+  kinds = [(3 if added[i]['special'] else 4) if i in added else 1 for i in range(vocab_size)]
+  kinds = [5 if t.startswith('[PAD') and t not in vocab else k  # 5 = UNUSED
+           for t, k in zip(tokens, kinds, strict=True)]
+  merges = [m if isinstance(m, str) else ' '.join(m) for m in spec['model'].get('merges', [])]
+  w.add_tokenizer_model('gpt2')
+  w.add_tokenizer_pre('default')
+  w.add_token_list(tokens)
+  w.add_token_types(kinds)
+  w.add_token_merges(merges)
+  if tok.bos_id is not None:
+    w.add_bos_token_id(tok.bos_id)
+  w.add_eos_token_id(tok.eos_id)
+  w.add_pad_token_id(tok.pad_id)
+  w.add_add_bos_token(False)
+  if tok.chat_template:
+    w.add_chat_template(tok.chat_template)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -160,6 +161,23 @@ def load_state(folder: Folder, cfg: Any, abstract_state: Any, shardings: Any) ->
 # ---------------------------------------------------------------------------- writing
 
 
+def gathered(params: Any, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
+  """(Hugging Face name, float32 host array in HF layout), one tensor (one layer) at a time.
+
+  Every process must iterate (the gathers are collective).
+  """
+  tmap = models.family_of(cfg).hf_tensors(cfg)
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    key = _names(path)
+    tensor, x = tmap[key], var.get_value()
+    pieces = ([(tensor.hf_name.format(i=i), x[i]) for i in range(x.shape[0])]
+              if key[0] == 'blocks' else [(tensor.hf_name, x)])
+    for name, piece in pieces:
+      host = np.asarray(multihost_utils.process_allgather(piece, tiled=True))
+      yield name, tensor.to_hf(host)
+
+
 def save(params: Any, cfg: Any, out_dir: str, *, dtype: str = 'bfloat16',
          tokenizer_dir: str | None = None, max_shard_bytes: int = 2 << 30) -> None:
   """Writes a Hugging Face folder: config.json, sharded safetensors + index, tokenizer files.
@@ -167,7 +185,6 @@ def save(params: Any, cfg: Any, out_dir: str, *, dtype: str = 'bfloat16',
   Every process must call this (gathers are collective); process 0 writes. Tensors are
   gathered one at a time (one layer of a stacked parameter at a time).
   """
-  tmap = models.family_of(cfg).hf_tensors(cfg)
   np_dtype = SAVE_DTYPES[dtype]
   writer = jax.process_index() == 0
   if writer:
@@ -183,19 +200,12 @@ def save(params: Any, cfg: Any, out_dir: str, *, dtype: str = 'bfloat16',
       written.append((tmp, list(shard)))
     shard.clear()
 
-  for path, var in jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    key = _names(path)
-    tensor, x = tmap[key], var.get_value()
-    pieces = ([(tensor.hf_name.format(i=i), x[i]) for i in range(x.shape[0])]
-              if key[0] == 'blocks' else [(tensor.hf_name, x)])
-    for name, piece in pieces:
-      host = np.asarray(multihost_utils.process_allgather(piece, tiled=True))
-      host = np.ascontiguousarray(tensor.to_hf(host).astype(np_dtype))
-      if shard and sum(a.nbytes for a in shard.values()) + host.nbytes > max_shard_bytes:
-        flush()
-      shard[name] = host
-      total += host.nbytes
+  for name, host in gathered(params, cfg):
+    host = np.ascontiguousarray(host.astype(np_dtype))
+    if shard and sum(a.nbytes for a in shard.values()) + host.nbytes > max_shard_bytes:
+      flush()
+    shard[name] = host
+    total += host.nbytes
   flush()
   if not writer:
     return
