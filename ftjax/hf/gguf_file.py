@@ -78,7 +78,7 @@ class GgufCheckpoint:
     # Dequantized tensors, newest last: room for every layer of one stacked parameter, which
     # the loader reads shard by shard before it moves to the next parameter.
     self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-    self._cache_size = self.hf_config['num_hidden_layers'] + 2
+    self._cache_size = self.hf_config['num_hidden_layers']
 
   def _value(self, key: str, default: Any = None) -> Any:
     field = self._reader.fields.get(key)
@@ -143,23 +143,34 @@ class GgufCheckpoint:
     return x
 
   def _dequantize(self, name: str) -> np.ndarray:
-    import gguf
 
     t = self._tensor(name)
-    try:
-      x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
-    except (ValueError, NotImplementedError) as e:
-      raise CheckpointError(f'{self.path}: cannot dequantize {t.name} '
-                            f'({t.tensor_type.name}): {e}') from None
-    x = x.reshape(self.shape(name))
+    x = self._dequantized(t, np.asarray(t.data)).reshape(self.shape(name))
     if name.endswith(('q_proj.weight', 'q_proj.bias')):
       x = _unpermute(x, self.hf_config['num_attention_heads'])
     elif name.endswith(('k_proj.weight', 'k_proj.bias')):
       x = _unpermute(x, self.hf_config['num_key_value_heads'])
     return x
 
+  def _dequantized(self, t: Any, data: np.ndarray) -> np.ndarray:
+    import gguf
+
+    try:
+      return gguf.quants.dequantize(data, t.tensor_type).astype(np.float32, copy=False)
+    except (ValueError, NotImplementedError) as e:
+      raise CheckpointError(f'{self.path}: cannot dequantize {t.name} '
+                            f'({t.tensor_type.name}): {e}') from None
+
   def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-    return self.tensor(name)[index]
+    """`tensor(name)[index]`; a matrix whose rows are not permuted dequantizes only the rows
+    asked for (so a sharded embedding never exists whole in float32)."""
+    shape = self.shape(name)
+    if len(shape) != 2 or '.q_proj.' in name or '.k_proj.' in name:  # permuted rows: whole
+      return self.tensor(name)[index]
+    rows = range(*index[0].indices(shape[0]))
+    t = self._tensor(name)
+    block = np.asarray(t.data)[rows.start:rows.stop]
+    return self._dequantized(t, block).reshape(len(rows), shape[1])[:, index[1]]
 
 
 def _unpermute(x: np.ndarray, heads: int) -> np.ndarray:
