@@ -269,3 +269,19 @@ def test_a_run_from_a_gguf_exports_gguf_and_hf(small_config, tiny_gguf, tmp_path
     with torch.no_grad():
       logits = ref(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_demo_shortened_raises_the_held_out_score(tmp_path):
+  """configs/smollm2_lora.py for 4 steps (the shipped 30 take ~10 minutes on 2 cores)."""
+  _smollm2()
+  from configs import smollm2_lora
+  from ftjax import train
+
+  c = smollm2_lora.get_config()
+  c.train.update(steps=4, log_every=2, progress=False)
+  c.data.max_eval_examples = 16
+  c.eval.update(batch_size=16)
+  summary = train.run(c, str(tmp_path / 'run'))
+  assert summary['accuracy_before'] < 0.2 and summary['accuracy_after'] > 0.6, summary
+  assert summary['eval_loss_after'] < 0.25 * summary['eval_loss_before']

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import models, sharding, tokenizer
+from ftjax.errors import CheckpointError
 from ftjax.hf import weights
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -33,14 +34,11 @@ def read_config(path: str) -> Any:
 
 
 def max_context(path: str) -> int | None:
-  """The longest sequence a Hugging Face folder's model was trained for
-  (`max_position_embeddings`), or None when its config.json does not say."""
-  import json
-
+  """The longest sequence a Hugging Face folder's (or GGUF file's) model was trained for
+  (`max_position_embeddings`, `<arch>.context_length`), or None when it does not say."""
   try:
-    with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
-      value = json.load(f).get('max_position_embeddings')
-  except (OSError, ValueError):
+    value = weights.open_checkpoint(path).hf_config.get('max_position_embeddings')
+  except (OSError, ValueError, CheckpointError):
     return None
   return int(value) if isinstance(value, int) and value > 0 else None
 
