@@ -72,6 +72,9 @@ def _check_config_file(argv: list[str]) -> None:
 def parse(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
   """absl parsing of one command's flags, with config errors reported in one line naming the
   key. absl's own FLAGS (logging) are marked parsed with their defaults."""
+  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
+    print(f'{argv[0]} flags:\n{flag_values.get_help()}')
+    sys.exit(0)
   _check_config_file(argv)
   flags.FLAGS(argv[:1])
   try:
