@@ -152,9 +152,8 @@ class Resolved:
 
   def to_json(self) -> dict[str, Any]:
     """The `resolved` block of config.json (`from_json` reads it back)."""
-    out = {f.name: dataclasses.asdict(getattr(self, f.name)) if getattr(self, f.name) else None
-           for f in dataclasses.fields(self) if f.name != 'config'}
-    return out
+    return {f.name: dataclasses.asdict(getattr(self, f.name)) if getattr(self, f.name) else None
+            for f in dataclasses.fields(self) if f.name != 'config'}
 
   @classmethod
   def from_json(cls, block: dict[str, Any], config: dict[str, Any]) -> Resolved:
@@ -190,15 +189,18 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
   """
   _check_keys(config, schema.defaults())
   _check_values(config)
+  c_data = config.data
+  sources = (tuple(train_sources(c_data)) if check_files or c_data.path or c_data.sources
+             else ())
+  held_out = tuple(eval_sources(c_data))
   if check_files:
-    _check_files(config)
+    _check_files(sources + held_out)
   if arch is None:
     arch = model_config(config.model)
   c = config.model
   model = Model(arch=arch, arch_name=models.arch_of(arch), preset=c.preset,
                 pretrained=c.pretrained, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat,
                 attention=c.attention, loss_chunk=c.loss_chunk)
-  c_data = config.data
   options = data.Options(
       tokenizer=c_data.tokenizer or c.pretrained or tokenizer.BYTE, seq_len=c_data.seq_len,
       train_on=c_data.train_on, chat_template=c_data.chat_template,
@@ -209,16 +211,11 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
                              num_slices=config.mesh.num_slices),
       optim=_section(Optim, config.optim, steps=config.train.steps),
       lora=lora_options(config.lora),
-      data=Data(sources=tuple(train_sources(c_data)) if check_files or _has_data(c_data) else (),
-                eval_sources=tuple(eval_sources(c_data)), options=options,
+      data=Data(sources=sources, eval_sources=held_out, options=options,
                 global_batch=c_data.global_batch, pack=c_data.pack, workers=c_data.workers,
                 prefetch=c_data.prefetch, max_eval_examples=c_data.max_eval_examples),
       eval=_section(Eval, config.eval), ckpt=_section(Ckpt, config.ckpt),
       train=_section(Train, config.train), config=config.to_dict())
-
-
-def _has_data(c_data: ml_collections.ConfigDict) -> bool:
-  return bool(c_data.path or c_data.sources)
 
 
 def model_config(model: ml_collections.ConfigDict) -> Any:
@@ -315,8 +312,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pretrained={path!r}: folder not found')
 
 
-def _check_files(config: ml_collections.ConfigDict) -> None:
-  for source in train_sources(config.data) + eval_sources(config.data):
+def _check_files(sources: tuple[data.Source, ...]) -> None:
+  for source in sources:
     if not source.path.startswith(('tfds://', 'gs://')) and not glob.glob(source.path + '*'):
       raise ConfigError(f'data source {source.path!r}: file not found')
 
