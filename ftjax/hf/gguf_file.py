@@ -136,20 +136,15 @@ class GgufCheckpoint:
     if name in self._cache:
       self._cache.move_to_end(name)
       return self._cache[name]
-    x = self._dequantize(name)
+    t = self._tensor(name)
+    x = self._dequantized(t, np.asarray(t.data)).reshape(self.shape(name))
+    heads = _permuted_heads(name, self.hf_config['num_attention_heads'],
+                            self.hf_config['num_key_value_heads'])
+    if heads:
+      x = _unpermute(x, heads)
     self._cache[name] = x
     while len(self._cache) > self._cache_size:
       self._cache.popitem(last=False)
-    return x
-
-  def _dequantize(self, name: str) -> np.ndarray:
-
-    t = self._tensor(name)
-    x = self._dequantized(t, np.asarray(t.data)).reshape(self.shape(name))
-    if name.endswith(('q_proj.weight', 'q_proj.bias')):
-      x = _unpermute(x, self.hf_config['num_attention_heads'])
-    elif name.endswith(('k_proj.weight', 'k_proj.bias')):
-      x = _unpermute(x, self.hf_config['num_key_value_heads'])
     return x
 
   def _dequantized(self, t: Any, data: np.ndarray) -> np.ndarray:
@@ -165,12 +160,21 @@ class GgufCheckpoint:
     """`tensor(name)[index]`; a matrix whose rows are not permuted dequantizes only the rows
     asked for (so a sharded embedding never exists whole in float32)."""
     shape = self.shape(name)
-    if len(shape) != 2 or '.q_proj.' in name or '.k_proj.' in name:  # permuted rows: whole
+    if len(shape) != 2 or _permuted_heads(name, 1, 1):  # permuted rows: read it whole
       return self.tensor(name)[index]
     rows = range(*index[0].indices(shape[0]))
     t = self._tensor(name)
     block = np.asarray(t.data)[rows.start:rows.stop]
     return self._dequantized(t, block).reshape(len(rows), shape[1])[:, index[1]]
+
+
+def _permuted_heads(name: str, heads: int, kv_heads: int) -> int | None:
+  """The head count llama.cpp permuted the rows of tensor `name` by (q and k), else None."""
+  if '.q_proj.' in name:
+    return heads
+  if '.k_proj.' in name:
+    return kv_heads
+  return None
 
 
 def _unpermute(x: np.ndarray, heads: int) -> np.ndarray:
@@ -233,10 +237,9 @@ def write(tensors: Any, cfg: Any, hf: dict[str, Any], path: str, *, dtype: str, 
   qtype = {'bf16': gguf.GGMLQuantizationType.BF16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}
   for hf_name, x in tensors:
     x = np.asarray(x, np.float32)
-    if hf_name.endswith(('q_proj.weight', 'q_proj.bias')):
-      x = _permute(x, cfg.num_heads)
-    elif hf_name.endswith(('k_proj.weight', 'k_proj.bias')):
-      x = _permute(x, cfg.num_kv_heads)
+    heads = _permuted_heads(hf_name, cfg.num_heads, cfg.num_kv_heads)
+    if heads:
+      x = _permute(x, heads)
     gguf_name = names.get_name(hf_name, try_suffixes=('.weight', '.bias'))
     if x.ndim == 1 or dtype == 'f32':
       w.add_tensor(gguf_name, np.ascontiguousarray(x))
