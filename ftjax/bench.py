@@ -71,12 +71,12 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
                           trainer.batch_sharding, seed=r.train.seed)
   with sharding.use(trainer.mesh, trainer.rules):
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
+    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch, trainer.ref).compile()
     compile_s = time.perf_counter() - start
     state, times = trainer.state, []
     for i in range(warmup + steps):
       start = time.perf_counter()
-      state, out = compiled(state, trainer.frozen, batch)
+      state, out = compiled(state, trainer.frozen, batch, trainer.ref)
       jax.block_until_ready((state, out))
       if i >= warmup:
         times.append(time.perf_counter() - start)

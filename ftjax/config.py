@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import data, evals, lora, models, quantize, schema, tokenizer, workdir
+from ftjax import data, evals, lora, models, objectives, quantize, schema, tokenizer, workdir
 from ftjax.errors import CheckpointError, UserError
 from ftjax.hf import gguf_file, pretrained
 from ftjax.models import layers
@@ -148,7 +148,8 @@ class Resolved:
   eval: Eval
   ckpt: Ckpt
   train: Train
-  config: dict[str, Any] = dataclasses.field(compare=False)
+  objective: objectives.Options = objectives.Options()
+  config: dict[str, Any] = dataclasses.field(compare=False, default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     """The `resolved` block of config.json (`from_json` reads it back)."""
@@ -168,7 +169,8 @@ class Resolved:
     return cls(model=Model(**m), mesh=mesh,
                optim=Optim(**block['optim']), lora=lora.Options(**c_lora) if c_lora else None,
                data=Data(**d), eval=Eval(**block['eval']), ckpt=Ckpt(**block['ckpt']),
-               train=Train(**block['train']), config=config)
+               train=Train(**block['train']),
+               objective=objectives.Options(**block.get('objective', {})), config=config)
 
 
 def _targets(targets: Any) -> str | tuple[str, ...]:
@@ -189,6 +191,10 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
   """
   _check_keys(config, schema.defaults())
   _check_values(config)
+  try:
+    objective = objectives.Options(**config.objective)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   c_data = config.data
   sources = (tuple(train_sources(c_data)) if check_files or c_data.path or c_data.sources
              else ())
@@ -205,17 +211,19 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
       tokenizer=c_data.tokenizer or c.pretrained or tokenizer.BYTE, seq_len=c_data.seq_len,
       train_on=c_data.train_on, chat_template=c_data.chat_template,
       on_bad_record=c_data.on_bad_record, on_too_long=c_data.on_too_long,
-      tfds_data_dir=c_data.tfds_data_dir)
+      tfds_data_dir=c_data.tfds_data_dir, pairs=objective.pairs)
   return Resolved(
       model=model, mesh=Mesh(shape=tuple(config.mesh.shape), rules=config.mesh.rules,
                              num_slices=config.mesh.num_slices),
       optim=_section(Optim, config.optim, steps=config.train.steps),
       lora=lora_options(config.lora),
       data=Data(sources=sources, eval_sources=held_out, options=options,
-                global_batch=c_data.global_batch, pack=c_data.pack, workers=c_data.workers,
+                global_batch=c_data.global_batch,
+                # A preference row holds one pair (two segments): pairs are never packed.
+                pack=c_data.pack and not objective.pairs, workers=c_data.workers,
                 prefetch=c_data.prefetch, max_eval_examples=c_data.max_eval_examples),
       eval=_section(Eval, config.eval), ckpt=_section(Ckpt, config.ckpt),
-      train=_section(Train, config.train), config=config.to_dict())
+      train=_section(Train, config.train), objective=objective, config=config.to_dict())
 
 
 def model_config(model: ml_collections.ConfigDict) -> Any:

@@ -9,6 +9,7 @@ Full and LoRA fine-tuning share one training path; only the trainable filter dif
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -60,6 +61,20 @@ def target_regex(targets: str | list[str] | tuple[str, ...], modules: dict[str, 
                        "or 'all-linear', or give a regex over module paths")
     return r'(' + '|'.join(re.escape(modules[t]) for t in targets) + r')$'
   return targets
+
+
+_ADAPTERS_OFF = [False]
+
+
+@contextlib.contextmanager
+def adapters_off():
+  """While tracing inside this, every `LoRAEinsum` computes its frozen base alone: the base
+  model, from the same weights (the preference objectives' reference), with no second copy."""
+  _ADAPTERS_OFF.append(True)
+  try:
+    yield
+  finally:
+    _ADAPTERS_OFF.pop()
 
 
 class LoRAEinsum(nnx.Module):
@@ -133,6 +148,8 @@ class LoRAEinsum(nnx.Module):
     return weight * jnp.expand_dims(factor, self._input_axes(weight.ndim))
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    if _ADAPTERS_OFF[-1]:
+      return self.base(x.astype(self.base.dtype))
     dtype = self.base.dtype
     x = x.astype(dtype)
     if key is not None and self.dropout > 0:

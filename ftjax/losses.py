@@ -73,3 +73,36 @@ def chunked_next_token_xent(
                row_tokens=jnp.zeros((b,)), row_correct=jnp.zeros((b,)))
   out, _ = jax.lax.scan(body, zeros, (split(hidden), split(targets), split(loss_mask)))
   return out
+
+
+def token_logps(logits: Float[Array, 'B T V'],
+                targets: Int[Array, 'B T']) -> tuple[jax.Array, jax.Array]:
+  """`log p(targets[b, t])` under `logits[b, t]` in float32, and whether the target is the
+  argmax (float32 0/1): two `[B, T]` arrays."""
+  logits = logits.astype(jnp.float32)
+  hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return -optax.softmax_cross_entropy_with_integer_labels(logits, targets), hits
+
+
+def chunked_token_logps(hidden: Float[Array, 'B T D'], targets: Int[Array, 'B T'],
+                        logits_fn: Callable[[jax.Array], jax.Array],
+                        chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`token_logps(logits_fn(hidden), targets)` chunk by chunk (as `chunked_next_token_xent`):
+  never more than `[B, chunk, V]` logits at once, recomputed in the backward pass."""
+  b, t = targets.shape
+  if chunk <= 0 or chunk >= t:
+    return token_logps(logits_fn(hidden), targets)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+  def split(x):
+    return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h, tg):
+    return token_logps(logits_fn(h), tg)
+
+  out = jax.lax.map(lambda xs: one(*xs), (split(hidden), split(targets)))  # [n, B, chunk] each
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], out)

@@ -105,7 +105,7 @@ def run(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=trainer.batch_sharding)
            for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
   with sharding.use(trainer.mesh, trainer.rules):
-    lowered = trainer.train_step.lower(trainer.state, trainer.frozen, batch)
+    lowered = trainer.train_step.lower(trainer.state, trainer.frozen, batch, trainer.ref)
   try:
     mem = bench.memory(lowered.compile())
     per_device = dict(arguments=mem['arguments'], temporaries=mem['temporaries'],

@@ -70,6 +70,15 @@ def defaults() -> ml_collections.ConfigDict:
       tfds_data_dir='',  # where tfds:// datasets were prepared
       max_eval_examples=-1,  # -1 = the whole eval set
   )
+  c.objective = dict(
+      kind='sft',  # sft | dpo | ipo | simpo | orpo; all but sft read preference pairs
+      beta=0.1,  # dpo/ipo/simpo: strength of the preference (ipo: its regularization tau)
+      label_smoothing=0.0,  # dpo/simpo: assumed share of flipped labels (conservative DPO)
+      gamma=0.5,  # simpo: target reward margin
+      lambda_=0.1,  # orpo: weight of the odds-ratio term next to the SFT term on chosen
+      precompute_ref=False,  # dpo/ipo: reference log-probs computed once before training and
+      # stored with the run, so training holds one model (no reference copy)
+  )
   c.optim = dict(
       lr=1e-4,
       schedule='cosine',  # cosine | linear | constant, after linear warmup

@@ -1,8 +1,13 @@
 """The jitted core, pure functions of arrays: TrainState, the train step and the eval step.
 
 `train_step` is one optimizer update over a global batch (gradient accumulation inside, with
-the same update as one big batch); `eval_step` gives the sums of held-out loss and exact match.
-`ftjax.trainer` jits them with the shardings of a mesh.
+the same update as one big batch) for any objective (`ftjax.objectives`); `eval_step` gives the
+held-out sums. `ftjax.trainer` jits them with the shardings of a mesh.
+
+The preference objectives' reference model is, by what `ref` holds: `None` with LoRA, the same
+weights with the adapters switched off (`lora.adapters_off`); a frozen copy of the initial
+trainable weights with full fine-tuning; or, with `objective.precompute_ref`, nothing at all:
+the batch then carries `ref_logps`, computed before training.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ftjax import losses
+from ftjax import lora, losses, objectives
 
 
 @flax.struct.dataclass
@@ -31,75 +36,123 @@ def _loss_and_stats(params, frozen, batch, *, graphdef, dropout_key=None, loss_c
                                         model.logits, loss_chunk)
 
 
-def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-               dropout_key: jax.Array | None = None, loss_chunk: int = 0):
-  """Gradients of the summed masked loss, with that sum and the masked-token count."""
+def reference_logps(params, frozen, batch, ref=None, *, graphdef, loss_chunk=0):
+  """The reference model's `[B, 2]` completion log-probabilities of each row's pair."""
+  if 'ref_logps' in batch:
+    return batch['ref_logps']
+  if ref is None:  # LoRA: the base is the model with its adapters off
+    with lora.adapters_off():
+      model = nnx.merge(graphdef, params, frozen)
+      logps = objectives.sequence_logps(model, batch, loss_chunk=loss_chunk)[0]
+  else:
+    model = nnx.merge(graphdef, ref, frozen)
+    logps = objectives.sequence_logps(model, batch, loss_chunk=loss_chunk)[0]
+  return jax.lax.stop_gradient(logps)
 
-  def sum_loss(params):
+
+def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
+               norm: dict[str, jax.Array] | None = None, ref: nnx.State | None = None, *,
+               graphdef, objective: objectives.Options = objectives.SFT,
+               dropout_key: jax.Array | None = None, loss_chunk: int = 0):
+  """Gradients of this (micro)batch's share of the loss, that share, and its metrics.
+
+  SFT: the summed masked loss (the caller divides by the token count). Preference objectives:
+  the loss already divided by `norm` (`objectives.normalizers` of the whole global batch).
+  """
+  ref_logps = (reference_logps(params, frozen, batch, ref, graphdef=graphdef,
+                               loss_chunk=loss_chunk) if objective.uses_reference else None)
+
+  def loss_fn(params):
     # Fresh Variables for the frozen weights at this trace level: NNX transforms inside the
     # model (the layer scan) refuse Variables created outside the gradient trace.
-    stats = _loss_and_stats(params, jax.tree.map(lambda x: x, frozen), batch, graphdef=graphdef,
-                            dropout_key=dropout_key, loss_chunk=loss_chunk)
-    return stats['loss_sum'], stats['tokens']
+    frozen_now = jax.tree.map(lambda x: x, frozen)
+    if not objective.pairs:
+      stats = _loss_and_stats(params, frozen_now, batch, graphdef=graphdef,
+                              dropout_key=dropout_key, loss_chunk=loss_chunk)
+      return stats['loss_sum'], {}
+    model = nnx.merge(graphdef, params, frozen_now)
+    logps, counts, _ = objectives.sequence_logps(model, batch, dropout_key=dropout_key,
+                                                 loss_chunk=loss_chunk)
+    return objectives.pair_loss(objective, logps, counts, ref_logps, norm)
 
-  (loss_sum, tokens), grads = jax.value_and_grad(sum_loss, has_aux=True)(params)
-  return grads, loss_sum, tokens
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, loss, metrics
 
 
-def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum: int,
+def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array],
+               ref: nnx.State | None = None, *, graphdef, tx: optax.GradientTransformation,
+               lr_fn: optax.Schedule, grad_accum: int,
+               objective: objectives.Options = objectives.SFT,
                dropout_seed: int | None = None, loss_chunk: int = 0,
                skip_nonfinite: bool = False):
   """One optimizer step over the global batch, split into `grad_accum` microbatches.
 
-  Gradients are summed over all masked tokens of all microbatches, then divided by
-  their count, so accumulation gives the same update as one big batch. `finite` in the
+  The loss is normalised over the whole global batch (SFT: all its masked tokens; preference:
+  all its pairs), so accumulation gives the same update as one big batch. `finite` in the
   metrics says whether loss and gradient norm were finite; with `skip_nonfinite` a step where
   they were not keeps the old weights and optimizer state (only the step count advances).
   """
   # Dropout masks depend only on (seed, step, microbatch): a resumed run draws the same ones.
   key = (None if dropout_seed is None
          else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
+  norm = objectives.normalizers(objective, batch)
+  grads_of = lambda mb, k: loss_grads(state.params, frozen, mb, norm, ref, graphdef=graphdef,
+                                      objective=objective, dropout_key=k, loss_chunk=loss_chunk)
   if grad_accum == 1:
-    grads, loss_sum, tokens = loss_grads(state.params, frozen, batch, graphdef=graphdef,
-                                         dropout_key=key, loss_chunk=loss_chunk)
+    grads, loss, extra = grads_of(batch, key)
   else:
-    # Row r goes to microbatch r % grad_accum: each device keeps its own rows.
+    # Row r goes to microbatch r % grad_accum: each device keeps its own rows (and a
+    # preference row holds its whole pair).
     micro = jax.tree.map(
         lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
         batch)
 
     def accumulate(carry, inputs):
       microbatch, index = inputs
-      micro_key = None if key is None else jax.random.fold_in(key, index)
-      out = loss_grads(state.params, frozen, microbatch, graphdef=graphdef, dropout_key=micro_key,
-                       loss_chunk=loss_chunk)
+      out = grads_of(microbatch, None if key is None else jax.random.fold_in(key, index))
       return jax.tree.map(jnp.add, carry, out), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, zeros,
-                                                (micro, jnp.arange(grad_accum)))
-  scale = 1.0 / jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), key))
+    (grads, loss, extra), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
+  if not objective.pairs:  # the summed token loss, divided once over the whole batch
+    scale = 1.0 / jnp.maximum(norm['tokens'], 1.0)
+    grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    loss = loss * scale
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  loss, grad_norm = loss_sum * scale, optax.tree.norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     keep = lambda new, old: jnp.where(finite, new, old)
     params, opt_state = (jax.tree.map(keep, params, state.params),
                          jax.tree.map(keep, opt_state, state.opt_state))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step), loss_tokens=tokens,
-             finite=finite)
+  out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step),
+             loss_tokens=norm['tokens'], finite=finite, **extra)
   return new_state, out
 
 
-def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef,
-              loss_chunk: int = 0):
-  """Sums for held-out loss and exact match (every masked target is the argmax)."""
-  stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef, loss_chunk=loss_chunk)
-  has_target = stats['row_tokens'] > 0
-  exact = has_target & (stats['row_correct'] == stats['row_tokens'])
-  return dict(loss_sum=stats['loss_sum'], tokens=stats['tokens'],
-              examples=jnp.sum(has_target), exact=jnp.sum(exact))
+def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
+              ref: nnx.State | None = None, *, graphdef,
+              objective: objectives.Options = objectives.SFT, loss_chunk: int = 0):
+  """Sums for held-out loss and exact match (every masked target is the argmax); for
+  preference pairs also the sums of the pair metrics, and exact match on the chosen answers."""
+  if not objective.pairs:
+    stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef, loss_chunk=loss_chunk)
+    has_target = stats['row_tokens'] > 0
+    exact = has_target & (stats['row_correct'] == stats['row_tokens'])
+    return dict(loss_sum=stats['loss_sum'], tokens=stats['tokens'],
+                examples=jnp.sum(has_target), exact=jnp.sum(exact))
+  ref_logps = (reference_logps(params, frozen, batch, ref, graphdef=graphdef,
+                               loss_chunk=loss_chunk) if objective.uses_reference else None)
+  logps, counts, hits = objectives.sequence_logps(nnx.merge(graphdef, params, frozen), batch,
+                                                  loss_chunk=loss_chunk)
+  pairs = (counts[:, 0] > 0) & (counts[:, 1] > 0)
+  n = jnp.maximum(jnp.sum(pairs), 1).astype(jnp.float32)
+  # Sums over pairs (ORPO's token-mean term: per pair, over this batch's mean chosen length).
+  ones = dict(pairs=jnp.ones(()), tokens=jnp.maximum(jnp.sum(counts[:, 0] * pairs), 1.0) / n)
+  loss, sums = objectives.pair_loss(objective, logps, counts, ref_logps, ones)
+  exact = pairs & (hits[:, 0] == counts[:, 0])
+  return dict(loss_sum=loss, tokens=jnp.sum(pairs).astype(jnp.float32),
+              examples=jnp.sum(pairs), exact=jnp.sum(exact), **sums)

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import data, metrics, resume, sharding, throughput
+from ftjax import data, metrics, reference, resume, sharding, throughput
 from ftjax import trainer as trainer_lib
 from ftjax import workdir as workdir_lib
 from ftjax.version import __version__
@@ -86,6 +86,15 @@ def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
   n_params = sharding.count_params(trainer.state.params)
   start = resume.restore_or_start(r, workdir, trainer, train_iter)
   manager, start_step = start.manager, start.step
+  table = None
+  if r.objective.precompute_ref:  # computed from the initial weights, read back on resume
+    table = (reference.compute(trainer, r, eval_set) if start_step == 0
+             else reference.Table.load(workdir, c_train.steps))
+    if table is None:
+      raise config_lib.ConfigError(
+          f'{os.path.join(workdir, reference.FILE)} is missing: this run (objective.precompute_ref)'
+          f' resumes from step {start_step} but its reference log-probabilities are gone; start '
+          'a new run')
 
   # Every check has passed: from here on the run writes into its directory.
   run_dir.commit()
@@ -95,6 +104,8 @@ def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
     manager.move_aside(step)
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, 'config.json'), config_lib.run_json(r))
+  if table is not None and start_step == 0:
+    table.save(workdir)
   writer = metrics.Writer(workdir, total_steps=c_train.steps, start_step=start_step,
                           progress=c_train.progress, wandb_project=c_train.wandb_project,
                           config=r.config)
@@ -114,7 +125,7 @@ def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
                 skipped_records={}, train_step_compiles=0, nothing_to_do=True)
   try:
     return _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_step,
-                 writer, preemption)
+                 writer, preemption, table)
   except BaseException:
     manager.wait_quietly()  # the save in flight is committed before the error is reported
     manager.close()
@@ -123,11 +134,12 @@ def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
 
 
 def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_step, writer,
-          preemption) -> dict[str, Any]:
+          preemption, table) -> dict[str, Any]:
   c_data, c_train, c_model = r.data, r.train, r.model
+  eval_ref = table.eval if table is not None else None
   if start_step == 0:
-    first_eval = (trainer_lib.evaluate(trainer, eval_set, gen_eval) if eval_set or gen_eval
-                  else None)
+    first_eval = (trainer_lib.evaluate(trainer, eval_set, gen_eval, eval_ref)
+                  if eval_set or gen_eval else None)
     if first_eval:
       writer.write(0, first_eval)
   else:
@@ -172,7 +184,10 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
           check_finite(preempted_at)
           manager.save(preempted_at, trainer.state, batches, meta)
         break
-      trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+      if table is not None:
+        batch = table.put(step, batch, trainer.batch_sharding)
+      trainer.state, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch,
+                                                       trainer.ref)
       first_bad, nonfinite_steps = _watch(first_bad, nonfinite_steps,
                                           step_metrics.pop('finite'), trainer.state.step)
       real_tokens = speed.add(segment_ids)
@@ -192,7 +207,7 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
         window_start, window_tokens, window_steps = now, 0, 0
         every = r.eval.every_steps
         if (eval_set or gen_eval) and ((every > 0 and step % every == 0) or is_last):
-          last_eval = trainer_lib.evaluate(trainer, eval_set, gen_eval)
+          last_eval = trainer_lib.evaluate(trainer, eval_set, gen_eval, eval_ref)
           logged.update(last_eval)
         writer.write(step, logged)
       stop = step == stop_at or preemption.reached(step, manager)

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftjax import build, config, data, evals, lora, optim, sharding, throughput
+from ftjax import build, config, data, evals, lora, objectives, optim, sharding, throughput
 from ftjax import step as step_lib
 
 
@@ -34,6 +34,10 @@ class Trainer:
   batch_sharding: NamedSharding
   step_traces: list[int] = dataclasses.field(default_factory=list)  # one entry per trace
   trainable: type = nnx.Param  # what the step updates: Param (full) or LoRAParam (adapters)
+  objective: objectives.Options = objectives.SFT
+  # The preference reference's weights: a frozen copy of the initial trainable weights (full
+  # fine-tuning with a live reference), else None (LoRA: the adapters are switched off).
+  ref: nnx.State | None = None
 
 
 def _counting(fn: Any, traces: list[int]) -> Any:
@@ -51,7 +55,8 @@ def setup(*, arch: Any, model_options: dict[str, Any], mesh_shape, rules_name: s
           optim_kwargs: dict[str, Any], grad_accum: int, global_batch: int, seed: int,
           pretrained_path: str = '', lora_options: lora.Options | None = None,
           num_slices: int = 1, devices=None, loss_chunk: int = 0,
-          skip_nonfinite: bool = False, abstract: bool = False) -> Trainer:
+          skip_nonfinite: bool = False, abstract: bool = False,
+          objective: objectives.Options = objectives.SFT) -> Trainer:
   """Mesh -> abstract model -> shardings -> sharded init or load -> compiled steps.
 
   `abstract=True` allocates nothing: the state and frozen weights are shape/dtype/sharding
@@ -90,9 +95,18 @@ def setup(*, arch: Any, model_options: dict[str, Any], mesh_shape, rules_name: s
   abstract_state = jax.eval_shape(init_state, params)
   state_sh = sharding.state_shardings(abstract_state, mesh, rules)
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)
+  # Full fine-tuning against a live reference keeps the initial weights, sharded as the
+  # trainable ones; LoRA's reference is the frozen base itself.
+  keep_ref = (objective.uses_reference and not objective.precompute_ref
+              and trainable is not nnx.LoRAParam)
+  ref_sh = state_sh.params if keep_ref else None
+  ref = None
   if abstract:
     state, frozen = _with_shardings(abstract_state, state_sh), _with_shardings(frozen, frozen_sh)
+    ref = _with_shardings(params, ref_sh) if keep_ref else None
   else:
+    if keep_ref:
+      ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_sh)(params)
     state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
   batch_sh = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, P())
@@ -100,15 +114,17 @@ def setup(*, arch: Any, model_options: dict[str, Any], mesh_shape, rules_name: s
   step = functools.partial(
       step_lib.train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, grad_accum=grad_accum,
       dropout_seed=seed if lora_options and lora_options.dropout else None,
-      loss_chunk=loss_chunk, skip_nonfinite=skip_nonfinite)
+      loss_chunk=loss_chunk, skip_nonfinite=skip_nonfinite, objective=objective)
   step_fn = jax.jit(
       _counting(step, traces),
-      in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
+      in_shardings=(state_sh, frozen_sh, batch_sh, ref_sh), out_shardings=(state_sh, replicated),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, loss_chunk=loss_chunk),
-                    in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, loss_chunk=loss_chunk,
+                                      objective=objective),
+                    in_shardings=(state_sh.params, frozen_sh, batch_sh, ref_sh),
+                    out_shardings=replicated)
   return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh, traces,
-                 trainable)
+                 trainable, objective, ref)
 
 
 def from_resolved(r: config.Resolved, *, pretrained_path: str | None = None,
@@ -126,8 +142,7 @@ def from_resolved(r: config.Resolved, *, pretrained_path: str | None = None,
       pretrained_path=r.model.pretrained if pretrained_path is None else pretrained_path,
       lora_options=r.lora if lora_options == 'config' else lora_options,
       num_slices=r.mesh.num_slices, devices=devices, loss_chunk=r.model.loss_chunk,
-      skip_nonfinite=r.train.skip_nonfinite,
-      abstract=abstract)
+      skip_nonfinite=r.train.skip_nonfinite, abstract=abstract, objective=r.objective)
 
 
 def trained_adapters(trainer: Trainer) -> int | None:
@@ -143,9 +158,12 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]] | None,
-             generation: evals.GenerationEval | None = None) -> dict[str, Any]:
+             generation: evals.GenerationEval | None = None,
+             ref_logps: np.ndarray | None = None) -> dict[str, Any]:
   """Held-out loss, perplexity and exact-match accuracy over every eval example; with
-  `generation`, also the score of greedy completions and a few samples."""
+  `generation`, also the score of greedy completions and a few samples. For preference pairs
+  also the pair metrics; `ref_logps` (`[batches, B, 2]`, objective.precompute_ref) are then the
+  reference log-probabilities of each batch's rows."""
   generated: dict[str, Any] = {}
   if generation is not None:
     model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.frozen)
@@ -154,11 +172,18 @@ def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]] | None,
     return generated
   totals = None
   with sharding.use(trainer.mesh, trainer.rules):
-    for batch, _ in data.device_batches(iter(batches), trainer.batch_sharding):
-      out = trainer.eval_step(trainer.state.params, trainer.frozen, batch)
+    for i, (batch, _) in enumerate(data.device_batches(iter(batches), trainer.batch_sharding)):
+      if ref_logps is not None:
+        rows = ref_logps[i]
+        batch = dict(batch, ref_logps=jax.make_array_from_callback(
+            rows.shape, trainer.batch_sharding, lambda index, rows=rows: rows[index]))
+      out = trainer.eval_step(trainer.state.params, trainer.frozen, batch, trainer.ref)
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   loss = float(totals['loss_sum']) / max(float(totals['tokens']), 1.0)
+  examples = max(float(totals['examples']), 1.0)
+  pairs = {f'eval_{k}': float(totals[k]) / examples for k in objectives.PAIR_METRICS
+           if k in totals}
   return dict(eval_loss=loss, eval_perplexity=float(np.exp(min(loss, 80.0))),
-              eval_accuracy=float(totals['exact']) / max(float(totals['examples']), 1.0),
-              eval_examples=int(totals['examples']), **generated)
+              eval_accuracy=float(totals['exact']) / examples,
+              eval_examples=int(totals['examples']), **pairs, **generated)

@@ -5,7 +5,8 @@ The compilation cache: XLA compiles are most of this suite's time on CPU, and ma
 the `ftjax` subprocesses they start, which inherit the environment set here) compile the same
 programs. One directory per pytest session holds every compiled program, however small. Set
 JAX_COMPILATION_CACHE_DIR yourself to keep the cache between sessions (it is then not removed),
-or FTJAX_TEST_COMPILE_CACHE=0 to run without one.
+or FTJAX_TEST_COMPILE_CACHE=0 to run without one. Under pytest-xdist (`-n auto`) the controller
+process makes the directory and its workers inherit it, so they share one cache.
 """
 
 import atexit

@@ -68,7 +68,7 @@ def test_one_step_changes_only_adapters(small_config):
                               config_lib.resolve(small_config).data.options, global_batch=8)[0],
       trainer.batch_sharding)
   with train.sharding.use(trainer.mesh, trainer.rules):
-    state, _ = trainer.train_step(trainer.state, trainer.frozen, batch)
+    state, _ = trainer.train_step(trainer.state, trainer.frozen, batch, trainer.ref)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.frozen), frozen_before)
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state.params),
                          params_before)
@@ -187,7 +187,7 @@ def test_compiled_lora_step_keeps_only_adapter_state(small_config):
                                 global_batch=8, seed=0, lora_options=lora_settings,
                                 devices=jax.devices()[:1])
     batch = train.data.to_global(batch_rows, trainer.batch_sharding)
-    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
+    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch, trainer.ref).compile()
     return compiled.memory_analysis()
 
   full = memory(None)

@@ -37,8 +37,8 @@ def _grads_and_step(trainer, local_batch):
     grads_fn = jax.jit(lambda p, f, b: step_lib.loss_grads(p, f, b, graphdef=trainer.graphdef))
     grads, loss_sum, _ = grads_fn(trainer.state.params, trainer.frozen, batch)
     grads = jax.device_get(grads)
-    state, first = trainer.train_step(trainer.state, trainer.frozen, batch)
-    _, second = trainer.train_step(state, trainer.frozen, batch)
+    state, first = trainer.train_step(trainer.state, trainer.frozen, batch, trainer.ref)
+    _, second = trainer.train_step(state, trainer.frozen, batch, trainer.ref)
   return grads, float(loss_sum), jax.device_get(first), jax.device_get(second)
 
 

@@ -51,7 +51,7 @@ def test_formula_matches_xla_cost_analysis(small_config):
   arch = resolved.model.arch
   batch = {k: jax.ShapeDtypeStruct((4, 64), np.int32, sharding=trainer.batch_sharding)
            for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
-  compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch).compile()
+  compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch, trainer.ref).compile()
   xla = compiled.cost_analysis()['flops']
   f = throughput.train_flops(arch, tokens=256, lengths=[64] * 4)
   ours = f.weights + 2 * f.attention  # undo the causal halving, as XLA does not skip masked work

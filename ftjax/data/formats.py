@@ -17,7 +17,7 @@ from ftjax import tokenizer as tokenizer_lib
 from ftjax.data.sources import BadRecord, DataError, parse
 from ftjax.tokenizer import Tokenizer
 
-FORMATS = ('auto', 'text', 'prompt_completion', 'chat', 'sharegpt', 'alpaca')
+FORMATS = ('auto', 'text', 'prompt_completion', 'chat', 'sharegpt', 'alpaca', 'preference')
 TrainOn = Literal['assistant', 'completion', 'all']
 TEMPLATES = {
     'chatml': ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -32,6 +32,8 @@ _SHAREGPT_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assista
 
 
 def detect(record: dict[str, Any]) -> str:
+  if 'chosen' in record and 'rejected' in record:
+    return 'preference'
   if 'messages' in record:
     return 'chat'
   if 'conversations' in record:
@@ -43,7 +45,16 @@ def detect(record: dict[str, Any]) -> str:
   if 'text' in record:
     return 'text'
   raise BadRecord('unknown_format', 'expected "text", "prompt"+"completion", "messages", '
-                  f'"conversations" or "instruction"+"output"; found keys {sorted(record)}')
+                  '"conversations", "instruction"+"output" or "chosen"+"rejected"; '
+                  f'found keys {sorted(record)}')
+
+
+def _messages(value: Any, key: str) -> list[dict[str, str]]:
+  try:
+    return messages_of({'messages': value}, 'chat')
+  except BadRecord:
+    raise BadRecord('wrong_type', f'{key!r} must be a string or a list of {{"role": str, '
+                    '"content": str}') from None
 
 
 def _str(record: dict[str, Any], key: str) -> str:
@@ -131,6 +142,38 @@ class Encoder:
       return self._chat(messages_of(record, fmt))
     raise BadRecord('unknown_format', f'unknown format {fmt!r}; expected one of {FORMATS}')
 
+  def encode_pair(self, record: Any) -> tuple[tuple[list[int], list[int]], ...]:
+    """A preference record -> `(ids, weights)` of prompt + chosen and of prompt + rejected;
+    weight 1 exactly on the completion's tokens (never on the prompt, whatever `train_on`).
+
+    TRL's two forms: strings `{"prompt", "chosen", "rejected"}`, or message lists, with the
+    prompt a message list under `"prompt"` or else the turns chosen and rejected share.
+    """
+    if not isinstance(record, dict):
+      raise BadRecord('wrong_type', f'expected a JSON object, got {type(record).__name__}')
+    if (self.fmt if self.fmt != 'auto' else detect(record)) != 'preference':
+      raise BadRecord('not_a_pair', 'expected a preference pair {"prompt", "chosen", '
+                      f'"rejected"}} (objective.kind is not sft); found keys {sorted(record)}')
+    chosen, rejected = record['chosen'], record['rejected']
+    if isinstance(chosen, str) and isinstance(rejected, str):
+      tok = self.tokenizer
+      bos = [tok.bos_id] if tok.bos_id is not None else []
+      prompt = bos + tok.encode(_str(record, 'prompt'))
+      return tuple((prompt + tok.encode(text) + [tok.eos_id],
+                    [0] * len(prompt) + [1] * (len(tok.encode(text)) + 1))
+                   for text in (chosen, rejected))
+    chosen, rejected = _messages(chosen, 'chosen'), _messages(rejected, 'rejected')
+    if 'prompt' in record:
+      prompt = _messages(record['prompt'], 'prompt')
+    else:  # the shared leading turns
+      n = 0
+      while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+      prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if not chosen or not rejected:
+      raise BadRecord('empty_pair', 'the chosen or rejected answer is empty')
+    return tuple(self._chat(prompt + answer, first=len(prompt)) for answer in (chosen, rejected))
+
   def prompt(self, record: Any, *, chat: bool = False) -> tuple[list[int], str]:
     """The ids a model continues from, tokenized as in training, and the reference answer.
 
@@ -154,8 +197,18 @@ class Encoder:
     text = tok.apply_chat_template(messages, add_generation_prompt=True)
     return tok.encode(text), str(reference)
 
-  def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+  def _chat(self, messages: list[dict[str, str]], first: int = -1) -> tuple[list[int], list[int]]:
+    """Rendered ids and weights: 1 on the assistant turns' tokens, or with `first` >= 0 on
+    every token rendered after the first `first` turns (a preference pair's completion)."""
     tok = dataclasses.replace(self.tokenizer, chat_template=self.template())
+    if first >= 0:
+      full = tok.apply_chat_template(messages)
+      start = len(tok.apply_chat_template(messages[:first], add_generation_prompt=True))
+      if not full.startswith(tok.apply_chat_template(messages[:first])):
+        raise BadRecord('template', 'the chat template does not render conversations '
+                        'prefix-stably, so the completion cannot be located')
+      ids, offsets = tok.encode_with_offsets(full)
+      return ids, [int(s >= start) for s, _ in offsets]
     if not any(m['role'] == 'assistant' for m in messages) and self.train_on != 'all':
       raise BadRecord('no_assistant_turn', 'conversation has no assistant turn to learn from')
     full = tok.apply_chat_template(messages)
@@ -190,6 +243,7 @@ class EncodeDoc(grain.transforms.Map):
   seq_len: int
   on_bad_record: str = 'error'  # error | skip
   on_too_long: str = 'truncate'  # truncate | skip | error
+  pairs: bool = False  # preference pairs: one row holds prompt+chosen and prompt+rejected
 
   def map(self, item: dict[str, Any]) -> dict[str, Any]:
     return self.encode(item)[0]
@@ -200,6 +254,8 @@ class EncodeDoc(grain.transforms.Map):
     where = item['where']
     length = 0
     try:
+      if self.pairs:
+        return self._pair(parse(item['raw']), where)
       ids, weights = self.encoder.encode(parse(item['raw']))
       length = len(ids)
       if length > self.seq_len + 1:
@@ -219,3 +275,34 @@ class EncodeDoc(grain.transforms.Map):
       return {'skip': 'no_target', 'where': where}, length
     return {'tokens': np.asarray(ids[:-1], np.int32), 'targets': np.asarray(ids[1:], np.int32),
             'loss_mask': np.asarray(weights[1:], np.int32)}, length
+
+  def _pair(self, record: Any, where: str) -> tuple[dict[str, Any], int]:
+    """Both sequences of a pair in one document: segment 1 chosen, segment 2 rejected, each
+    with its own positions. Too long, the longer completion is cut first; the prompt never."""
+    seqs = [list(s) for s in self.encoder.encode_pair(record)]
+    length = sum(len(ids) - 1 for ids, _ in seqs)
+    if any(not any(w) for _, w in seqs):
+      return {'skip': 'no_target', 'where': where}, length
+    if length > self.seq_len:
+      if self.on_too_long == 'error':
+        raise DataError(f'{where}: the pair needs {length} positions (chosen and rejected '
+                        f'together), more than data.seq_len={self.seq_len} '
+                        '(data.on_too_long=error)')
+      if self.on_too_long == 'skip':
+        return {'skip': 'too_long', 'where': where}, length
+      keep = [w.index(1) + 1 for _, w in seqs]  # the prompt and one completion token
+      if sum(k - 1 for k in keep) > self.seq_len:
+        return {'skip': 'prompt_too_long', 'where': where}, length
+      sizes = [len(ids) for ids, _ in seqs]
+      while sum(n - 1 for n in sizes) > self.seq_len:
+        i = max((0, 1), key=lambda j: sizes[j] - keep[j])
+        sizes[i] -= 1
+      seqs = [(ids[:n], w[:n]) for (ids, w), n in zip(seqs, sizes, strict=True)]
+    doc = {k: [] for k in ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')}
+    for segment, (ids, weights) in enumerate(seqs, start=1):
+      doc['tokens'] += ids[:-1]
+      doc['targets'] += ids[1:]
+      doc['loss_mask'] += weights[1:]
+      doc['positions'] += list(range(len(ids) - 1))
+      doc['segment_ids'] += [segment] * (len(ids) - 1)
+    return {k: np.asarray(v, np.int32) for k, v in doc.items()}, length

@@ -64,11 +64,12 @@ class Options:
   on_bad_record: str = 'error'
   on_too_long: str = 'truncate'
   tfds_data_dir: str = ''
+  pairs: bool = False  # preference pairs (objective.kind != sft): one pair per row
 
   def encode_doc(self, fmt: str) -> EncodeDoc:
     encoder = Encoder(self.tokenizer, fmt=fmt, train_on=self.train_on,
                       chat_template=self.chat_template)
-    return EncodeDoc(encoder, self.seq_len, self.on_bad_record, self.on_too_long)
+    return EncodeDoc(encoder, self.seq_len, self.on_bad_record, self.on_too_long, self.pairs)
 
 
 class SkipCounter:
@@ -123,8 +124,11 @@ class PadRow(grain.transforms.Map):
     n = len(doc['tokens'])
     for k in DOC_FIELDS:
       row[k][:n] = doc[k]
-    row['positions'][:n] = np.arange(n)
-    row['segment_ids'][:n] = 1
+    if 'segment_ids' in doc:  # a preference pair: two segments with their own positions
+      row['positions'][:n], row['segment_ids'][:n] = doc['positions'], doc['segment_ids']
+    else:
+      row['positions'][:n] = np.arange(n)
+      row['segment_ids'][:n] = 1
     return row
 
 

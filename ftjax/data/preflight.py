@@ -85,6 +85,11 @@ def _hint(reason: str, options: Options) -> str:
       'bad_json': 'the lines are not JSON; check the file',
       'bad_utf8': 'the file is not UTF-8 text; check the file',
       'template': 'the chat template is not prefix-stable; try data.chat_template=chatml',
+      'prompt_too_long': f'the prompts alone (twice: chosen and rejected share a row) fill '
+                         f'data.seq_len={n}; raise data.seq_len',
+      'not_a_pair': 'objective.kind is a preference objective but the records are not '
+                    '{"prompt", "chosen", "rejected"} pairs; use objective.kind=sft',
+      'empty_pair': 'the chosen or rejected answers are empty',
   }
   return hints.get(reason, 'the records do not match the source format (text, prompt+completion, '
                            'messages, conversations or instruction+output); check the file')

@@ -1,0 +1,186 @@
+"""Preference objectives (DPO, IPO, SimPO, ORPO) checked against TRL on the same tiny model."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from helpers import write_jsonl
+
+from configs import base as base_config
+from ftjax import config as config_lib
+from ftjax import data, objectives, peft_io, sharding
+from ftjax import step as step_lib
+from ftjax import trainer as trainer_lib
+
+PAIRS = [{'prompt': f'{a}+{b}=', 'chosen': str(a + b),
+          'rejected': str(a + b + (1 if a % 2 else 11))}
+         for a, b in [(1, 2), (3, 4), (2, 5), (6, 1), (4, 4), (0, 7), (5, 2), (7, 7)]]
+TRL_NAMES = dict(rewards_chosen='rewards/chosen', rewards_rejected='rewards/rejected',
+                 reward_margin='rewards/margins', reward_accuracy='rewards/accuracies',
+                 logps_chosen='logps/chosen', logps_rejected='logps/rejected')
+
+
+@pytest.fixture(scope='module')
+def bos_folder(tmp_path_factory, _hf_folder):
+  """The shared tiny checkpoint with a tokenizer that adds BOS as Llama's does, so TRL (which
+  tokenizes with the tokenizer's special tokens) and ftjax (which prepends BOS) agree."""
+  import shutil
+
+  from tokenizers import Tokenizer, processors
+
+  folder = str(tmp_path_factory.mktemp('bos') / 'base')
+  shutil.copytree(_hf_folder[0], folder)
+  tok = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+  tok.post_processor = processors.TemplateProcessing(
+      single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
+  tok.save(os.path.join(folder, 'tokenizer.json'))
+  return folder
+
+
+@pytest.fixture(scope='module')
+def policy_adapter(tmp_path_factory, bos_folder):
+  """A PEFT adapter with random A and B: the policy differs from the adapter-free base."""
+  folder = str(tmp_path_factory.mktemp('policy'))
+  base = transformers.AutoModelForCausalLM.from_pretrained(bos_folder, dtype=torch.float32)
+  lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'],
+                                init_lora_weights=False, task_type='CAUSAL_LM')
+  torch.manual_seed(1)
+  peft_model = peft.get_peft_model(base, lora_config)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if 'lora_B' in name:
+        p.mul_(20.0)  # a policy well away from the reference
+  peft_model.save_pretrained(folder)
+  return folder
+
+
+def _ours(hf_folder, adapter, pairs_path, kind, **objective):
+  c = base_config.get_config()
+  c.model.pretrained = hf_folder
+  c.lora.adapter = adapter
+  c.objective.update(kind=kind, **objective)
+  c.data.update(path=pairs_path, seq_len=16, global_batch=len(PAIRS))
+  r = config_lib.resolve(c)
+  trainer = trainer_lib.from_resolved(r)
+  rows = data.eval_batches(list(r.data.sources), r.data.options, global_batch=len(PAIRS))
+  batch = data.to_global(rows[0], trainer.batch_sharding)
+  with sharding.use(trainer.mesh, trainer.rules):
+    norm = jax.jit(objectives.normalizers, static_argnums=0)(r.objective, batch)
+    grads_fn = jax.jit(lambda p, f, b, n: step_lib.loss_grads(
+        p, f, b, n, graphdef=trainer.graphdef, objective=r.objective))
+    grads, loss, metrics = grads_fn(trainer.state.params, trainer.frozen, batch, norm)
+    _, step_metrics = trainer.train_step(trainer.state, trainer.frozen, batch, trainer.ref)
+  return trainer, rows[0], grads, float(loss), jax.device_get(metrics), jax.device_get(step_metrics)
+
+
+def _peft_named(trainer, grads, out_dir):
+  """Our adapter gradients under PEFT's tensor names (written by our own PEFT exporter)."""
+  from flax import nnx
+  from safetensors.numpy import load_file
+
+  peft_io.save(nnx.merge(trainer.graphdef, grads, trainer.frozen), out_dir)
+  return load_file(os.path.join(out_dir, 'adapter_model.safetensors'))
+
+
+def _trl_dpo(hf_folder, adapter, kind, tmp_path, **kwargs):
+  import datasets
+  import trl
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folder)
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+  model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
+  args = trl.DPOConfig(output_dir=str(tmp_path / 'trl'), per_device_train_batch_size=len(PAIRS),
+                       loss_type=[kind], report_to='none', use_cpu=True, max_length=None,
+                       dataloader_num_workers=0, bf16=False, **kwargs)  # float32 throughout
+  # The reference is the base without adapters (TRL would copy a loaded adapter as "ref").
+  reference = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+  trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, processing_class=tokenizer,
+                           train_dataset=datasets.Dataset.from_list(PAIRS))
+  batch = next(iter(trainer.get_train_dataloader()))
+  trainer.model.train()
+  loss = trainer.compute_loss(trainer.model, batch)
+  loss.backward()
+  grads = {n.replace('.default', ''): p.grad.float().numpy() for n, p in
+           trainer.model.named_parameters() if p.grad is not None}
+  metrics = {k: v[-1] for k, v in trainer._metrics['train'].items()}
+  return float(loss.detach()), grads, metrics, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind,trl_kind', [('dpo', 'sigmoid'), ('ipo', 'ipo')])
+def test_loss_rewards_and_gradients_equal_trl(bos_folder, policy_adapter, tmp_path, kind,
+                                              trl_kind):
+  hf_folder = bos_folder
+  pairs_path = write_jsonl(tmp_path / 'pairs.jsonl', PAIRS)
+  trainer, rows, grads, loss, metrics, step_metrics = _ours(hf_folder, policy_adapter, pairs_path,
+                                                            kind, beta=0.3)
+  want_loss, want_grads, want, batch = _trl_dpo(hf_folder, policy_adapter, trl_kind, tmp_path,
+                                                beta=0.3)
+  # The same sequences: TRL's prompt + completion ids are our rows' chosen/rejected segments.
+  theirs = sorted(tuple(int(t) for t, m in zip(ids, mask, strict=True) if m) for ids, mask in
+                  zip(batch['input_ids'], batch['attention_mask'], strict=True))
+  ours = sorted(tuple(int(t) for t in np.append(row[seg == k], tgt[seg == k][-1]))
+                for row, tgt, seg in zip(rows['tokens'], rows['targets'], rows['segment_ids'],
+                                         strict=True)
+                for k in (1, 2))
+  assert ours == theirs
+  assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+  assert float(step_metrics['loss']) == pytest.approx(loss, rel=1e-6)
+  for name, trl_name in TRL_NAMES.items():
+    assert float(metrics[name]) == pytest.approx(want[trl_name], rel=1e-4, abs=1e-5), name
+    assert float(step_metrics[name]) == pytest.approx(float(metrics[name]), rel=1e-6, abs=1e-7)
+  assert 0.0 < float(metrics['reward_accuracy']) < 1.0 or abs(metrics['reward_margin']) > 1e-3
+  named = _peft_named(trainer, grads, str(tmp_path / 'grads'))
+  assert sorted(named) == sorted(want_grads)
+  scale = max(np.max(np.abs(g)) for g in want_grads.values())
+  assert scale > 1e-4  # the gradients are not trivially zero
+  for name, g in want_grads.items():
+    np.testing.assert_allclose(named[name], g, atol=2e-5 * scale, err_msg=name)
+
+
+def test_pair_losses_match_their_definitions():
+  """Each loss, by hand, on fixed log-probabilities (the TRL comparison is the slow test)."""
+  logps = jax.numpy.array([[-3.0, -5.0], [-4.0, -2.0]])
+  counts = jax.numpy.array([[2.0, 4.0], [1.0, 1.0]])
+  ref = jax.numpy.array([[-3.5, -4.0], [-4.0, -3.0]])
+  norm = dict(pairs=jax.numpy.float32(2.0), tokens=jax.numpy.float32(3.0))
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  d = np.array([(-3 + 3.5) - (-5 + 4), (-4 + 4) - (-2 + 3)])
+  for kind, want in [
+      ('dpo', np.mean(-0.9 * np.log(sig(0.5 * d)) - 0.1 * np.log(sig(-0.5 * d)))),
+      ('ipo', np.mean(((np.array([0.5 / 2, 0.0]) - np.array([-1 / 4, 1.0])) - 1.0) ** 2)),
+      ('simpo', np.mean(-0.9 * np.log(sig(0.5 * np.array([-1.5 + 1.25, -2.0]) - 0.5))
+                        - 0.1 * np.log(sig(-(0.5 * np.array([-1.5 + 1.25, -2.0]) - 0.5))))),
+  ]:
+    o = objectives.Options(kind=kind, beta=0.5, label_smoothing=0.1 if kind != 'ipo' else 0.0)
+    loss, metrics = objectives.pair_loss(o, logps, counts, ref, norm)
+    assert float(loss) == pytest.approx(want, rel=1e-5), kind
+  avg = np.array([[-1.5, -1.25], [-4.0, -2.0]])
+  log_odds = (avg[:, 0] - avg[:, 1]) - (np.log1p(-np.exp(avg[:, 0])) - np.log1p(-np.exp(avg[:, 1])))
+  want = 7.0 / 3.0 - 0.2 * np.mean(np.log(sig(log_odds)))
+  loss, metrics = objectives.pair_loss(objectives.Options(kind='orpo', lambda_=0.2), logps, counts,
+                                       None, norm)
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(metrics['reward_accuracy']) == 0.0  # both pairs prefer the rejected answer
+
+
+def test_pairs_share_a_row_and_truncation_keeps_the_prompt(tmp_path):
+  from ftjax.data.formats import EncodeDoc, Encoder
+
+  record = {'where': 'p.jsonl:1', 'raw': json.dumps({'prompt': 'abcd', 'chosen': 'xxxxxxxx',
+                                                     'rejected': 'yy'})}
+  doc, length = EncodeDoc(Encoder('byte'), 14, pairs=True).encode(record)
+  assert length == 5 + 9 + 5 + 3 - 2
+  assert doc['segment_ids'].tolist() == [1] * 7 + [2] * 7  # chosen cut from 13 to 7 positions
+  assert doc['positions'].tolist() == list(range(7)) + list(range(7))
+  assert doc['loss_mask'].tolist() == [0] * 4 + [1] * 3 + [0] * 4 + [1] * 3
+  doc, _ = EncodeDoc(Encoder('byte'), 8, pairs=True).encode(record)
+  assert doc == {'skip': 'prompt_too_long', 'where': 'p.jsonl:1'}
+  with pytest.raises(data.DataError, match=r'p.jsonl:1: .*not_a_pair|p.jsonl:1: expected a '):
+    EncodeDoc(Encoder('byte'), 14, pairs=True).encode(
+        {'where': 'p.jsonl:1', 'raw': json.dumps({'prompt': 'a', 'completion': 'b'})})
