@@ -6,6 +6,7 @@ figures are the model's and the mesh's, not the input pipeline's (`ftjax data be
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -15,19 +16,23 @@ import ml_collections
 import numpy as np
 
 from ftjax import config as cfg_lib
-from ftjax import data, sharding, throughput
+from ftjax import data, objectives, sharding, throughput
 from ftjax import trainer as trainer_lib
 
 
 def synthetic_batch(global_batch: int, seq_len: int, vocab: int, batch_sharding,
-                    seed: int = 0) -> dict[str, jax.Array]:
-  """Random full rows (every position a real token in the loss), laid out like training data."""
+                    seed: int = 0, pairs: bool = False) -> dict[str, jax.Array]:
+  """Random full rows (every position a real token in the loss), laid out like training data;
+  with `pairs`, each row a preference pair (two halves, segments 1 and 2)."""
   rows = global_batch // jax.process_count()
   rng = np.random.default_rng(seed + jax.process_index())
   tokens = rng.integers(3, vocab, (rows, seq_len + 1), dtype=np.int32)
+  half = seq_len // 2 if pairs else seq_len
+  positions = np.concatenate([np.arange(half), np.arange(seq_len - half)]).astype(np.int32)
+  segments = np.where(np.arange(seq_len) < half, 1, 2).astype(np.int32)
   local = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:],
-               positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)),
-               segment_ids=np.ones((rows, seq_len), np.int32),
+               positions=np.broadcast_to(positions, (rows, seq_len)),
+               segment_ids=np.broadcast_to(segments, (rows, seq_len)),
                loss_mask=np.ones((rows, seq_len), np.int32))
   return data.to_global(local, batch_sharding)
 
@@ -49,46 +54,74 @@ def _device_peak_bytes() -> int | None:
 
 
 def trainer_for(config: ml_collections.ConfigDict, *, abstract: bool = False,
-                devices=None) -> tuple[cfg_lib.Resolved, trainer_lib.Trainer]:
+                devices=None, objective: objectives.Options | None = None
+                ) -> tuple[cfg_lib.Resolved, trainer_lib.Trainer]:
   """The resolved config and the trainer `ftjax train` would build, with random weights.
 
   A `model.pretrained` folder contributes its architecture, not its weights (the step's cost
   does not depend on them, and reading them would dominate the benchmark). A PEFT adapter is
   replaced by fresh adapters (the same shapes when lora.rank matches the adapter's).
+  `objective` replaces the config's (the side-by-side SFT step of a preference benchmark).
   """
   r = cfg_lib.resolve(config, check_files=False)
+  if objective is not None:
+    r = dataclasses.replace(r, objective=objective)
   trainer = trainer_lib.from_resolved(r, pretrained_path='',
                                       lora_options=r.lora and r.lora.fresh(),
                                       abstract=abstract, devices=devices)
   return r, trainer
 
 
+class _Timed:
+  """One compiled step, stepping its own state: `once()` times one call."""
+
+  def __init__(self, trainer: trainer_lib.Trainer, batch: dict[str, jax.Array]):
+    self.trainer, self.batch, self.times = trainer, batch, []
+    start = time.perf_counter()
+    self.compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch,
+                                             trainer.ref).compile()
+    self.compile_s = time.perf_counter() - start
+    self.state = trainer.state
+
+  def once(self, record: bool) -> None:
+    t = self.trainer
+    start = time.perf_counter()
+    self.state, out = self.compiled(self.state, t.frozen, self.batch, t.ref)
+    jax.block_until_ready((self.state, out))
+    if record:
+      self.times.append(time.perf_counter() - start)
+
+
 def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
-  """Times `steps` train steps after `warmup` ones; returns the figures `ftjax bench` prints."""
+  """Times `steps` train steps after `warmup` ones; returns the figures `ftjax bench` prints.
+
+  A preference objective's step is timed side by side (alternating calls) with the SFT step of
+  the same model over the same batch: `vs_sft` gives both medians and their ratio.
+  """
   r, trainer = trainer_for(config)
   arch, c_data, c_model = r.model.arch, r.data, r.model
+  pairs = r.objective.pairs
   batch = synthetic_batch(c_data.global_batch, c_data.seq_len, arch.vocab_size,
-                          trainer.batch_sharding, seed=r.train.seed)
+                          trainer.batch_sharding, seed=r.train.seed, pairs=pairs)
   with sharding.use(trainer.mesh, trainer.rules):
-    start = time.perf_counter()
-    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, batch, trainer.ref).compile()
-    compile_s = time.perf_counter() - start
-    state, times = trainer.state, []
+    timed = [_Timed(trainer, batch)]
+    if pairs:
+      timed.append(_Timed(trainer_for(config, objective=objectives.SFT)[1], batch))
     for i in range(warmup + steps):
-      start = time.perf_counter()
-      state, out = compiled(state, trainer.frozen, batch, trainer.ref)
-      jax.block_until_ready((state, out))
-      if i >= warmup:
-        times.append(time.perf_counter() - start)
-  trainer.state = state
+      for t in timed:
+        t.once(record=i >= warmup)
+  trainer.state, times, compile_s = timed[0].state, timed[0].times, timed[0].compile_s
+  compiled = timed[0].compiled
   tokens = c_data.global_batch * c_data.seq_len
+  lengths = [c_data.seq_len // 2, c_data.seq_len - c_data.seq_len // 2] * c_data.global_batch \
+      if pairs else [c_data.seq_len] * c_data.global_batch
   flops = throughput.train_flops(
-      arch, tokens=tokens, lengths=[c_data.seq_len] * c_data.global_batch,
-      adapter_params=trainer_lib.trained_adapters(trainer))
+      arch, tokens=tokens, lengths=lengths, adapter_params=trainer_lib.trained_adapters(trainer),
+      reference_forward=r.objective.live_reference)
   peak = throughput.peak(dtype=cfg_lib.DTYPES[c_model.dtype])
   median = statistics.median(times)
   n_devices = trainer.mesh.size
-  trainable = sharding.count_params(state.params)
+  trainable = sharding.count_params(trainer.state.params)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return dict(
@@ -112,5 +145,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
                   layers=arch.num_layers, embed_dim=arch.embed_dim, vocab_size=arch.vocab_size,
                   dtype=c_model.dtype, param_dtype=c_model.param_dtype, remat=c_model.remat,
                   attention=c_model.attention, loss_chunk=c_model.loss_chunk,
-                  lora_rank=r.lora.rank if r.lora else 0),
+                  lora_rank=r.lora.rank if r.lora else 0, objective=r.objective.kind),
+      **({'vs_sft': dict(sft_step_s=statistics.median(timed[1].times),
+                         ratio=median / statistics.median(timed[1].times))} if pairs else {}),
   )

@@ -62,6 +62,11 @@ class Options:
   def uses_reference(self) -> bool:
     return self.kind not in REFERENCE_FREE
 
+  @property
+  def live_reference(self) -> bool:
+    """Whether each step runs the reference's forward pass (MFU counts it)."""
+    return self.uses_reference and not self.precompute_ref
+
 
 SFT = Options()  # the default objective
 

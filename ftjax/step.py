@@ -40,6 +40,8 @@ def reference_logps(params, frozen, batch, ref=None, *, graphdef, loss_chunk=0):
   """The reference model's `[B, 2]` completion log-probabilities of each row's pair."""
   if 'ref_logps' in batch:
     return batch['ref_logps']
+  # Fresh Variables at this trace level (inside the accumulation scan), as in `loss_grads`.
+  params, frozen, ref = jax.tree.map(lambda x: x, (params, frozen, ref))
   if ref is None:  # LoRA: the base is the model with its adapters off
     with lora.adapters_off():
       model = nnx.merge(graphdef, params, frozen)

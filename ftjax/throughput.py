@@ -83,11 +83,13 @@ class StepFlops:
 
 
 def train_flops(arch: Any, *, tokens: float, lengths: Sequence[int] | np.ndarray,
-                adapter_params: int | None = None) -> StepFlops:
+                adapter_params: int | None = None, reference_forward: bool = False) -> StepFlops:
   """Model FLOPs of one training step over `tokens` tokens in segments of `lengths`.
 
   `adapter_params`: None for full fine-tuning; the number of LoRA adapter weights otherwise (the
-  base is then frozen).
+  base is then frozen). `reference_forward`: the step also runs a reference model's forward
+  pass over the same tokens (DPO, IPO): 2 FLOPs per weight and token, and the forward third of
+  the attention.
   """
   n = matmul_params(arch)
   if adapter_params is None:
@@ -99,6 +101,9 @@ def train_flops(arch: Any, *, tokens: float, lengths: Sequence[int] | np.ndarray
   if global_layers < arch.num_layers:
     pairs += (arch.num_layers - global_layers) * causal_pairs(lengths, arch.sliding_window)
   attention = 12.0 * pairs * arch.num_heads * arch.head_dim
+  if reference_forward:
+    weights += 2.0 * n * tokens
+    attention += 4.0 * pairs * arch.num_heads * arch.head_dim
   return StepFlops(weights=weights, attention=attention)
 
 
@@ -154,8 +159,9 @@ class Meter:
   """Accumulates a log window's tokens and model FLOPs from each batch's segment ids."""
 
   def __init__(self, arch: Any, *, num_devices: int, adapter_params: int | None,
-               compute_dtype=jnp.bfloat16):
+               compute_dtype=jnp.bfloat16, reference_forward: bool = False):
     self.arch, self.num_devices, self.adapters = arch, num_devices, adapter_params
+    self.reference_forward = reference_forward
     self.peak = peak(dtype=compute_dtype)
     self._tokens = self._flops = 0.0
 
@@ -166,7 +172,8 @@ class Meter:
     hosts = jax.process_count()  # every host has the same shape of rows; count them all
     self._tokens += tokens * hosts
     self._flops += train_flops(self.arch, tokens=tokens, lengths=lengths,
-                               adapter_params=self.adapters).total * hosts
+                               adapter_params=self.adapters,
+                               reference_forward=self.reference_forward).total * hosts
     return tokens
 
   def report(self, seconds: float, steps: int) -> dict[str, float]:

@@ -151,7 +151,8 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
   batches = data.Prefetcher(train_iter, trainer.batch_sharding, depth=c_data.prefetch)
   speed = throughput.Meter(c_model.arch, num_devices=trainer.mesh.size,
                            adapter_params=trainer_lib.trained_adapters(trainer),
-                           compute_dtype=config_lib.DTYPES[c_model.dtype])
+                           compute_dtype=config_lib.DTYPES[c_model.dtype],
+                           reference_forward=r.objective.live_reference)
   start = time.perf_counter()
   window_start, window_tokens, window_steps, logged = start, 0, 0, {}
   row_tokens = c_data.global_batch * c_data.seq_len

@@ -97,8 +97,7 @@ def setup(*, arch: Any, model_options: dict[str, Any], mesh_shape, rules_name: s
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)
   # Full fine-tuning against a live reference keeps the initial weights, sharded as the
   # trainable ones; LoRA's reference is the frozen base itself.
-  keep_ref = (objective.uses_reference and not objective.precompute_ref
-              and trainable is not nnx.LoRAParam)
+  keep_ref = objective.live_reference and trainable is not nnx.LoRAParam
   ref_sh = state_sh.params if keep_ref else None
   ref = None
   if abstract:

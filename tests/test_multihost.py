@@ -62,3 +62,19 @@ def test_a_process_that_never_joins_fails_fast_with_a_clear_message(tmp_path):
   assert result.returncode == 2
   assert 'process 1 could not join the run within 5s' in result.stderr
   assert 'the coordinator (process 0) at 127.0.0.1:1 never answered' in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_run_dpo_like_one_process(tmp_path):
+  pairs = ('--config.objective.kind=dpo', f'--config.data.path={REPO}/data/demo_dpo/train.jsonl',
+           '--config.data.seq_len=24', '--config.train.steps=3')
+  _train(tmp_path / 'one', *pairs)
+  _train(tmp_path / 'two', *pairs, processes=2)
+  rows = {}
+  for name in ('one', 'two'):
+    with open(tmp_path / name / 'metrics.jsonl') as f:
+      rows[name] = [r for r in map(json.loads, f) if 'loss' in r]
+  assert len(rows['two']) == 3
+  for a, b in zip(rows['one'], rows['two'], strict=True):
+    for key in ('loss', 'reward_accuracy', 'reward_margin', 'logps_chosen', 'logps_rejected'):
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

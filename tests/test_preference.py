@@ -184,3 +184,130 @@ def test_pairs_share_a_row_and_truncation_keeps_the_prompt(tmp_path):
   with pytest.raises(data.DataError, match=r'p.jsonl:1: .*not_a_pair|p.jsonl:1: expected a '):
     EncodeDoc(Encoder('byte'), 14, pairs=True).encode(
         {'where': 'p.jsonl:1', 'raw': json.dumps({'prompt': 'a', 'completion': 'b'})})
+
+
+# ------------------------------------------------------------------ the trainer, end to end
+
+ARCH = dict(vocab_size=259, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=8, rope_theta=10_000.0)
+OPTIM = dict(lr=1e-3, steps=10, warmup_steps=0, schedule_kind='constant', end_lr_ratio=1.0,
+             weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, decay_embeddings=False)
+DPO = objectives.Options(kind='dpo', beta=0.5)
+
+
+def _pair_rows(tmp_path, seq_len=24):
+  path = write_jsonl(tmp_path / 'pairs.jsonl', PAIRS)
+  return data.eval_batches([data.Source(path)], data.Options(tokenizer='byte', seq_len=seq_len,
+                                                             pairs=True), global_batch=8)[0]
+
+
+def _setup(shape, devices, objective=DPO, lora_options=None, abstract=False):
+  from ftjax.models import llama
+
+  return trainer_lib.setup(arch=llama.Config(**ARCH), model_options={}, mesh_shape=shape,
+                           rules_name='fsdp_tp', optim_kwargs=OPTIM, grad_accum=1, global_batch=8,
+                           seed=0, devices=devices, objective=objective, lora_options=lora_options,
+                           abstract=abstract)
+
+
+def _two_steps(trainer, rows):
+  batch = data.to_global(rows, trainer.batch_sharding)
+  with sharding.use(trainer.mesh, trainer.rules):
+    state, first = trainer.train_step(trainer.state, trainer.frozen, batch, trainer.ref)
+    _, second = trainer.train_step(state, trainer.frozen, batch, trainer.ref)
+  return jax.device_get(first), jax.device_get(second)
+
+
+def test_sharded_dpo_step_equals_single_device(tmp_path):
+  rows = _pair_rows(tmp_path)
+  one = _two_steps(_setup((1, 1, 1), jax.devices()[:1]), rows)
+  eight = _two_steps(_setup((2, 2, 2), jax.devices()), rows)
+  assert one[0]['loss'] == pytest.approx(np.log(2.0), rel=1e-6)  # policy = reference at step 0
+  assert one[1]['loss'] < one[0]['loss'] and one[1]['reward_margin'] > 0
+  for got, want in zip(eight, one, strict=True):
+    for key in ('loss', 'grad_norm', *objectives.PAIR_METRICS):
+      assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-7), key
+
+
+def test_lora_reference_is_the_base_and_the_step_holds_one_copy_of_it(tmp_path):
+  from flax import nnx
+
+  from ftjax import bench, lora
+
+  rows = _pair_rows(tmp_path)
+  options = lora.Options(rank=4, alpha=8.0)
+  trainer = _setup((1, 1, 1), jax.devices()[:1], lora_options=options)
+  # Adapters that change the model, so the policy is not the reference.
+  trainer.state = trainer.state.replace(params=jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), trainer.state.params))
+  base = _setup((1, 1, 1), jax.devices()[:1])  # the same seed without adapters: the base
+  batch = data.to_global(rows, trainer.batch_sharding)
+  with sharding.use(trainer.mesh, trainer.rules):
+    ref = jax.jit(lambda p, f, b: step_lib.reference_logps(p, f, b, graphdef=trainer.graphdef))(
+        trainer.state.params, trainer.frozen, batch)
+    policy = objectives.sequence_logps(
+        nnx.merge(trainer.graphdef, trainer.state.params, trainer.frozen), batch)[0]
+    explicit = objectives.sequence_logps(
+        nnx.merge(base.graphdef, base.state.params, base.frozen), batch)[0]
+  np.testing.assert_allclose(ref, explicit, rtol=1e-6)
+  assert np.max(np.abs(np.asarray(policy) - np.asarray(explicit))) > 1e-3
+  # The compiled LoRA DPO step takes the same arguments as the LoRA SFT step (one base, no
+  # reference copy); full fine-tuning with a live reference adds one copy of the weights.
+  sizes = {}
+  for name, objective, lora_options in [
+      ('lora_sft', objectives.SFT, options), ('lora_dpo', DPO, options),
+      ('full_sft', objectives.SFT, None), ('full_dpo', DPO, None)]:
+    t = _setup((1, 1, 1), jax.devices()[:1], objective, lora_options, abstract=True)
+    compiled = t.train_step.lower(t.state, t.frozen, batch, t.ref).compile()
+    sizes[name] = bench.memory(compiled)['arguments']
+  weights = sharding.count_params(base.state.params) * 4
+  assert sizes['lora_dpo'] == sizes['lora_sft']
+  assert sizes['full_dpo'] - sizes['full_sft'] == pytest.approx(weights, rel=0.01)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if 'loss' in r]
+
+
+@pytest.mark.slow
+def test_precomputed_reference_resume_and_accumulation_match_the_live_run(small_config, tmp_path):
+  from ftjax import train
+
+  pairs = write_jsonl(tmp_path / 'pairs.jsonl', PAIRS * 4)
+  small_config.objective.update(kind='dpo', beta=0.5)
+  small_config.data.update(path=pairs, eval_path=pairs, seq_len=24, global_batch=8)
+  small_config.train.update(steps=6, log_every=1)
+  small_config.ckpt.update(every_steps=0)
+  keys = ('loss', 'grad_norm', *objectives.PAIR_METRICS)
+
+  def run(name, **overrides):
+    c = small_config.copy_and_resolve_references()
+    for key, value in overrides.items():
+      section, field = key.split('__')
+      c[section][field] = value
+    return train.run(c, str(tmp_path / name))
+
+  run('live')
+  live = _rows(tmp_path / 'live')
+  assert live[-1]['reward_accuracy'] > 0.5 and live[-1]['loss'] < np.log(2.0)
+  run('pre', objective__precompute_ref=True)
+  pre = _rows(tmp_path / 'pre')
+  with np.load(tmp_path / 'pre' / 'ref_logps.npz') as f:
+    assert f['train'].shape == (6, 8, 2) and f['eval'].shape == (4, 8, 2)
+  for a, b in zip(live, pre, strict=True):
+    for key in keys:
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+  # Stopped after step 3 and resumed: the same rows, bit for bit (the table is read back).
+  stopped = run('resumed', objective__precompute_ref=True, train__stop_at_step=3)
+  assert stopped['preempted_at'] == 3
+  table = (tmp_path / 'resumed' / 'ref_logps.npz').read_bytes()
+  run('resumed', objective__precompute_ref=True)
+  assert (tmp_path / 'resumed' / 'ref_logps.npz').read_bytes() == table
+  resumed = _rows(tmp_path / 'resumed')
+  assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in pre]
+  # Two microbatches give the update of one big batch.
+  run('accum', optim__grad_accum=2, mesh__shape=(2, 2, 2))
+  for a, b in zip(live, _rows(tmp_path / 'accum'), strict=True):
+    for key in keys:
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
