@@ -110,8 +110,9 @@ def test_a_pipeline_where_every_record_is_skipped_raises_instead_of_looping(tmp_
                    rf'{path}:\d+\)$', str(error))
   assert match, str(error)
   # The limit is the larger of 1000 and the record count, 1200 here. Unpacked, grain's read-ahead
-  # threads may map a few more rows before the error reaches the caller.
-  assert 1200 < int(match[1]) < 1400 and 1200 < int(match[2]) < 1400
+  # threads (a prefetch buffer of 500 rows by default) may map more rows before the error
+  # reaches the caller; on a loaded machine (pytest -n auto) they do.
+  assert 1200 < int(match[1]) < 1800 and 1200 < int(match[2]) < 1800
 
 
 def test_a_mixture_with_one_unusable_source_still_trains(tmp_path):
