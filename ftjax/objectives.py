@@ -115,6 +115,7 @@ def pair_loss(options: Options, logps: jax.Array, counts: jax.Array, ref_logps: 
   """The preference loss of these rows divided by `norm`, and its metrics (also divided, so
   that microbatch values add up to the global batch's means)."""
   o = options
+  extra = {}
   valid = ((counts[:, 0] > 0) & (counts[:, 1] > 0)).astype(jnp.float32)
   lengths = jnp.maximum(counts, 1.0)
   if o.kind in ('dpo', 'ipo'):
@@ -139,6 +140,8 @@ def pair_loss(options: Options, logps: jax.Array, counts: jax.Array, ref_logps: 
       rewards = o.lambda_ * avg
       nll = -jnp.sum(logps[:, 0] * valid) / norm['tokens']
       loss = nll - o.lambda_ * jnp.sum(ratio * valid) / norm['pairs']
+      extra = dict(nll_chosen=jax.lax.stop_gradient(nll),
+                   log_odds_ratio=jax.lax.stop_gradient(jnp.sum(ratio * valid) / norm['pairs']))
   rewards = jax.lax.stop_gradient(rewards)
   shown = jax.lax.stop_gradient(shown)
 
@@ -148,5 +151,5 @@ def pair_loss(options: Options, logps: jax.Array, counts: jax.Array, ref_logps: 
   metrics = dict(rewards_chosen=mean(rewards[:, 0]), rewards_rejected=mean(rewards[:, 1]),
                  reward_margin=mean(rewards[:, 0] - rewards[:, 1]),
                  reward_accuracy=mean((rewards[:, 0] > rewards[:, 1]).astype(jnp.float32)),
-                 logps_chosen=mean(shown[:, 0]), logps_rejected=mean(shown[:, 1]))
+                 logps_chosen=mean(shown[:, 0]), logps_rejected=mean(shown[:, 1]), **extra)
   return loss, metrics

@@ -143,6 +143,60 @@ def test_loss_rewards_and_gradients_equal_trl(bos_folder, policy_adapter, tmp_pa
     np.testing.assert_allclose(named[name], g, atol=2e-5 * scale, err_msg=name)
 
 
+
+def _trl_experimental(hf_folder, adapter, kind, tmp_path):
+  """One batch of TRL's CPO trainer (SimPO) or ORPO trainer: loss, metrics, adapter grads."""
+  import datasets
+  from trl.experimental import cpo, orpo
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folder)
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+  model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
+  common = dict(per_device_train_batch_size=len(PAIRS), report_to='none', use_cpu=True,
+                bf16=False, max_length=64, dataloader_num_workers=0)
+  if kind == 'simpo':  # pure SimPO: no NLL term
+    args = cpo.CPOConfig(output_dir=str(tmp_path / 'cpo'), loss_type='simpo', cpo_alpha=0.0,
+                         beta=2.0, simpo_gamma=0.5, label_smoothing=0.1, **common)
+    trainer = cpo.CPOTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_list(PAIRS))
+  else:
+    args = orpo.ORPOConfig(output_dir=str(tmp_path / 'orpo'), beta=0.2, **common)
+    trainer = orpo.ORPOTrainer(model=model, args=args, processing_class=tokenizer,
+                               train_dataset=datasets.Dataset.from_list(PAIRS))
+  batch = next(iter(trainer.get_train_dataloader()))
+  trainer.model.train()
+  loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch, 'train')
+  loss.backward()
+  grads = {n.replace('.default', ''): p.grad.float().numpy() for n, p in
+           trainer.model.named_parameters() if p.grad is not None}
+  return float(loss.detach()), grads, {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['simpo', 'orpo'])
+def test_reference_free_losses_equal_trl(bos_folder, policy_adapter, tmp_path, kind):
+  pairs_path = write_jsonl(tmp_path / 'pairs.jsonl', PAIRS)
+  objective = (dict(beta=2.0, gamma=0.5, label_smoothing=0.1) if kind == 'simpo'
+               else dict(lambda_=0.2))
+  trainer, _, grads, loss, metrics, _ = _ours(bos_folder, policy_adapter, pairs_path, kind,
+                                              **objective)
+  want_loss, want_grads, want = _trl_experimental(bos_folder, policy_adapter, kind, tmp_path)
+  for name, trl_name in TRL_NAMES.items():
+    assert float(metrics[name]) == pytest.approx(want[trl_name], rel=1e-4, abs=1e-5), name
+  if kind == 'orpo':
+    # TRL's ORPO NLL term also counts the prompt's tokens; ours is the chosen completion's
+    # (the paper's SFT term): the odds-ratio term is the same.
+    assert float(metrics['log_odds_ratio']) == pytest.approx(want['log_odds_ratio'], rel=1e-4)
+    assert loss - float(metrics['nll_chosen']) == pytest.approx(
+        want_loss - want['nll_loss'], rel=1e-4, abs=1e-6)
+    return
+  assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+  named = _peft_named(trainer, grads, str(tmp_path / 'grads'))
+  scale = max(np.max(np.abs(g)) for g in want_grads.values())
+  assert scale > 1e-4
+  for name, g in want_grads.items():
+    np.testing.assert_allclose(named[name], g, atol=2e-5 * scale, err_msg=name)
+
 def test_pair_losses_match_their_definitions():
   """Each loss, by hand, on fixed log-probabilities (the TRL comparison is the slow test)."""
   logps = jax.numpy.array([[-3.0, -5.0], [-4.0, -2.0]])
