@@ -101,3 +101,25 @@ def test_bench_cli_full_and_lora():
   assert lora['trainable_params'] < lora['params'] == full['params'] + lora['trainable_params']
   # Frozen weights skip their weight-gradient matmuls: fewer model FLOPs than full training.
   assert lora['model_tflops_per_step'] < full['model_tflops_per_step']
+
+
+def test_train_flops_count_the_reference_forward():
+  from ftjax.models import llama
+
+  arch = llama.Config(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, mlp_dim=128)
+  plain = throughput.train_flops(arch, tokens=64, lengths=[32, 32], adapter_params=100)
+  dpo = throughput.train_flops(arch, tokens=64, lengths=[32, 32], adapter_params=100,
+                               reference_forward=True)
+  n = throughput.matmul_params(arch)
+  assert dpo.weights - plain.weights == pytest.approx(2.0 * n * 64)
+  assert dpo.attention == pytest.approx(plain.attention * 4 / 3)
+
+
+@pytest.mark.slow
+def test_bench_times_a_dpo_step_beside_the_sft_step():
+  out = _bench_cli('--config.objective.kind=dpo', '--config.lora.rank=4')
+  assert out['shapes']['objective'] == 'dpo'
+  vs = out['vs_sft']
+  assert vs['ratio'] == pytest.approx(out['step_s']['median'] / vs['sft_step_s'])
+  assert 0.8 < vs['ratio'] < 3.0  # one extra forward pass: dearer than SFT, not absurdly
