@@ -60,19 +60,20 @@ def _eval_losses(workdir):
 
 @pytest.mark.slow
 def test_dpo_demo_raises_reward_accuracy_from_a_partly_trained_base(tmp_path):
-  # The three commands of configs/demo_dpo.py's docstring.
+  # The three commands of configs/demo_dpo.py's docstring, the DPO run cut to 200 of its 400 steps.
   sft = run_ftjax(*train_command(tmp_path / 'sft', '--config.train.steps=500',
                                  '--config.eval.every_steps=0'))
   assert sft.returncode == 0, sft.stderr[-3000:]
   exported = run_ftjax('export', f'--workdir={tmp_path / "sft"}', f'--out={tmp_path / "base"}')
   assert exported.returncode == 0, exported.stderr[-3000:]
   base = f'--config.model.pretrained={tmp_path / "base"}'
-  dpo = run_ftjax(*train_command(tmp_path / 'dpo', base, config=f'{REPO}/configs/demo_dpo.py'))
+  dpo = run_ftjax(*train_command(tmp_path / 'dpo', base, '--config.train.steps=200',
+                                 config=f'{REPO}/configs/demo_dpo.py'))
   assert dpo.returncode == 0, dpo.stderr[-3000:]
   metrics = (tmp_path / 'dpo' / 'metrics.jsonl').read_text()
   rows = [json.loads(line) for line in metrics.splitlines()]
   evals = [r for r in rows if 'eval_reward_accuracy' in r]
-  assert [r['step'] for r in evals] == [0, 100, 200, 300, 400]
+  assert [r['step'] for r in evals] == [0, 100, 200]
   first, last = evals[0], evals[-1]
   assert first['eval_reward_accuracy'] == 0.0  # policy = reference: every reward is 0
   assert first['eval_loss'] == pytest.approx(0.6931, abs=1e-4)
