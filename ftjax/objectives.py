@@ -8,8 +8,8 @@ only completion tokens are loss-masked. From the per-row sums of completion log-
 - `dpo`: -(1-e) log sigmoid(beta d) - e log sigmoid(-beta d), d = (pi_c - ref_c) - (pi_r - ref_r)
 - `ipo`: (d_avg - 1/(2 beta))^2, with d over completion-length-averaged log-ratios
 - `simpo`: the dpo form over beta * (avg pi_c - avg pi_r) - gamma (no reference)
-- `orpo`: the chosen tokens' mean cross-entropy - lambda_ * log sigmoid(log odds ratio)
-  (averaged log-probabilities, no reference)
+- `orpo`: the mean cross-entropy over every token of prompt + chosen (as the ORPO authors' code
+  and TRL) - lambda_ * log sigmoid(log odds ratio) (averaged log-probabilities, no reference)
 
 Every loss is already divided by the batch's normalizers (`normalizers`, computed on the whole
 global batch before gradient accumulation), so summing microbatch losses and gradients gives
@@ -77,8 +77,11 @@ def normalizers(options: Options, batch: dict[str, jax.Array]) -> dict[str, jax.
   if not options.pairs:
     return dict(tokens=jnp.sum(mask))
   counts = segment_sums(mask, batch['segment_ids'])
-  pairs = jnp.sum((counts[:, 0] > 0) & (counts[:, 1] > 0))
-  return dict(tokens=jnp.sum(counts[:, 0]), pairs=jnp.maximum(pairs, 1).astype(jnp.float32))
+  valid = (counts[:, 0] > 0) & (counts[:, 1] > 0)
+  positions = segment_sums(jnp.ones_like(mask), batch['segment_ids'])[:, 0]
+  return dict(tokens=jnp.sum(counts[:, 0]),
+              pairs=jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32),
+              chosen_positions=jnp.maximum(jnp.sum(positions * valid), 1.0))
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -88,16 +91,17 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
 
 
 def sequence_logps(model, batch: dict[str, jax.Array], *, dropout_key=None,
-                   loss_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   loss_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per row, the summed completion log-probabilities of chosen and rejected (`[B, 2]`), their
-  completion token counts and their argmax hits on those tokens (`[B, 2]` each)."""
+  completion token counts, their argmax hits on those tokens, and the log-probabilities summed
+  over every position of each sequence, prompt included (`[B, 2]` each)."""
   hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
                         dropout_key=dropout_key)
   token_logps, hits = losses.chunked_token_logps(hidden, batch['targets'], model.logits,
                                                  loss_chunk)
   mask, segments = batch['loss_mask'].astype(jnp.float32), batch['segment_ids']
   return (segment_sums(token_logps * mask, segments), segment_sums(mask, segments),
-          segment_sums(hits * mask, segments))
+          segment_sums(hits * mask, segments), segment_sums(token_logps, segments))
 
 
 def _smoothed(logits: jax.Array, label_smoothing: float) -> jax.Array:
@@ -111,9 +115,11 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 
 def pair_loss(options: Options, logps: jax.Array, counts: jax.Array, ref_logps: jax.Array | None,
-              norm: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+              norm: dict[str, jax.Array], whole: jax.Array | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The preference loss of these rows divided by `norm`, and its metrics (also divided, so
-  that microbatch values add up to the global batch's means)."""
+  that microbatch values add up to the global batch's means). `whole`: the log-probabilities
+  over every position of each sequence (ORPO's NLL term)."""
   o = options
   extra = {}
   valid = ((counts[:, 0] > 0) & (counts[:, 1] > 0)).astype(jnp.float32)
@@ -138,7 +144,7 @@ def pair_loss(options: Options, logps: jax.Array, counts: jax.Array, ref_logps: 
       log_odds = (avg[:, 0] - avg[:, 1]) - (_log1mexp(avg[:, 0]) - _log1mexp(avg[:, 1]))
       ratio = jax.nn.log_sigmoid(log_odds)
       rewards = o.lambda_ * avg
-      nll = -jnp.sum(logps[:, 0] * valid) / norm['tokens']
+      nll = -jnp.sum(whole[:, 0] * valid) / norm['chosen_positions']
       loss = nll - o.lambda_ * jnp.sum(ratio * valid) / norm['pairs']
       extra = dict(nll_chosen=jax.lax.stop_gradient(nll),
                    log_odds_ratio=jax.lax.stop_gradient(jnp.sum(ratio * valid) / norm['pairs']))

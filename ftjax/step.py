@@ -73,9 +73,9 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
                               dropout_key=dropout_key, loss_chunk=loss_chunk)
       return stats['loss_sum'], {}
     model = nnx.merge(graphdef, params, frozen_now)
-    logps, counts, _ = objectives.sequence_logps(model, batch, dropout_key=dropout_key,
-                                                 loss_chunk=loss_chunk)
-    return objectives.pair_loss(objective, logps, counts, ref_logps, norm)
+    logps, counts, _, whole = objectives.sequence_logps(model, batch, dropout_key=dropout_key,
+                                                        loss_chunk=loss_chunk)
+    return objectives.pair_loss(objective, logps, counts, ref_logps, norm, whole)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, loss, metrics
@@ -148,13 +148,15 @@ def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
                 examples=jnp.sum(has_target), exact=jnp.sum(exact))
   ref_logps = (reference_logps(params, frozen, batch, ref, graphdef=graphdef,
                                loss_chunk=loss_chunk) if objective.uses_reference else None)
-  logps, counts, hits = objectives.sequence_logps(nnx.merge(graphdef, params, frozen), batch,
-                                                  loss_chunk=loss_chunk)
+  logps, counts, hits, whole = objectives.sequence_logps(nnx.merge(graphdef, params, frozen),
+                                                         batch, loss_chunk=loss_chunk)
   pairs = (counts[:, 0] > 0) & (counts[:, 1] > 0)
   n = jnp.maximum(jnp.sum(pairs), 1).astype(jnp.float32)
   # Sums over pairs (ORPO's token-mean term: per pair, over this batch's mean chosen length).
-  ones = dict(pairs=jnp.ones(()), tokens=jnp.maximum(jnp.sum(counts[:, 0] * pairs), 1.0) / n)
-  loss, sums = objectives.pair_loss(objective, logps, counts, ref_logps, ones)
+  norm = objectives.normalizers(objective, batch)
+  ones = dict(pairs=jnp.ones(()), tokens=norm['tokens'] / n,
+              chosen_positions=norm['chosen_positions'] / n)
+  loss, sums = objectives.pair_loss(objective, logps, counts, ref_logps, ones, whole)
   exact = pairs & (hits[:, 0] == counts[:, 0])
   return dict(loss_sum=loss, tokens=jnp.sum(pairs).astype(jnp.float32),
               examples=jnp.sum(pairs), exact=jnp.sum(exact), **sums)

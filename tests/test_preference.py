@@ -184,12 +184,8 @@ def test_reference_free_losses_equal_trl(bos_folder, policy_adapter, tmp_path, k
   for name, trl_name in TRL_NAMES.items():
     assert float(metrics[name]) == pytest.approx(want[trl_name], rel=1e-4, abs=1e-5), name
   if kind == 'orpo':
-    # TRL's ORPO NLL term also counts the prompt's tokens; ours is the chosen completion's
-    # (the paper's SFT term): the odds-ratio term is the same.
     assert float(metrics['log_odds_ratio']) == pytest.approx(want['log_odds_ratio'], rel=1e-4)
-    assert loss - float(metrics['nll_chosen']) == pytest.approx(
-        want_loss - want['nll_loss'], rel=1e-4, abs=1e-6)
-    return
+    assert float(metrics['nll_chosen']) == pytest.approx(want['nll_loss'], rel=1e-5)
   assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
   named = _peft_named(trainer, grads, str(tmp_path / 'grads'))
   scale = max(np.max(np.abs(g)) for g in want_grads.values())
@@ -202,7 +198,9 @@ def test_pair_losses_match_their_definitions():
   logps = jax.numpy.array([[-3.0, -5.0], [-4.0, -2.0]])
   counts = jax.numpy.array([[2.0, 4.0], [1.0, 1.0]])
   ref = jax.numpy.array([[-3.5, -4.0], [-4.0, -3.0]])
-  norm = dict(pairs=jax.numpy.float32(2.0), tokens=jax.numpy.float32(3.0))
+  norm = dict(pairs=jax.numpy.float32(2.0), tokens=jax.numpy.float32(3.0),
+              chosen_positions=jax.numpy.float32(10.0))
+  whole = jax.numpy.array([[-9.0, -8.0], [-11.0, -6.0]])  # prompt and completion
   sig = lambda x: 1 / (1 + np.exp(-x))
   d = np.array([(-3 + 3.5) - (-5 + 4), (-4 + 4) - (-2 + 3)])
   for kind, want in [
@@ -216,9 +214,9 @@ def test_pair_losses_match_their_definitions():
     assert float(loss) == pytest.approx(want, rel=1e-5), kind
   avg = np.array([[-1.5, -1.25], [-4.0, -2.0]])
   log_odds = (avg[:, 0] - avg[:, 1]) - (np.log1p(-np.exp(avg[:, 0])) - np.log1p(-np.exp(avg[:, 1])))
-  want = 7.0 / 3.0 - 0.2 * np.mean(np.log(sig(log_odds)))
+  want = 20.0 / 10.0 - 0.2 * np.mean(np.log(sig(log_odds)))
   loss, metrics = objectives.pair_loss(objectives.Options(kind='orpo', lambda_=0.2), logps, counts,
-                                       None, norm)
+                                       None, norm, whole)
   assert float(loss) == pytest.approx(want, rel=1e-5)
   assert float(metrics['reward_accuracy']) == 0.0  # both pairs prefer the rejected answer
 
