@@ -6,19 +6,20 @@ One batch of each preference loss (dpo, ipo against DPOTrainer; simpo against CP
 against ORPOTrainer), float32, a PEFT policy away from its adapter-free reference.
 """
 
-import os
 import pathlib
 import sys
 import tempfile
 
 sys.path.insert(0, 'tests')
 import numpy as np  # noqa: E402
-import peft  # noqa: E402
 import test_preference as tp  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from helpers import add_bpe_tokenizer, make_hf, write_jsonl  # noqa: E402
-from tokenizers import Tokenizer, processors  # noqa: E402
+from helpers import (  # noqa: E402
+  add_bos_post_processor,
+  add_bpe_tokenizer,
+  make_hf,
+  make_policy_adapter,
+  write_jsonl,
+)
 
 import conftest  # noqa: E402  (8 CPU devices and the compilation cache, as the tests)
 
@@ -27,21 +28,8 @@ folder = str(tmp / 'base')
 make_hf('qwen3', folder, vocab_size=320)
 add_bpe_tokenizer(folder, [f'{r["prompt"]}{r["completion"]}\n'
                            for r in conftest.ADDITION_TRAIN] * 4)
-tok = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-tok.post_processor = processors.TemplateProcessing(
-    single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
-tok.save(os.path.join(folder, 'tokenizer.json'))
-adapter = str(tmp / 'policy')
-base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'],
-                      init_lora_weights=False, task_type='CAUSAL_LM')
-torch.manual_seed(1)
-policy = peft.get_peft_model(base, cfg)
-with torch.no_grad():
-  for n, p in policy.named_parameters():
-    if 'lora_B' in n:
-      p.mul_(20.0)
-policy.save_pretrained(adapter)
+add_bos_post_processor(folder)
+adapter = make_policy_adapter(folder, str(tmp / 'policy'))
 pairs = write_jsonl(tmp / 'pairs.jsonl', tp.PAIRS)
 CASES = [('dpo', 'sigmoid', dict(beta=0.3)), ('ipo', 'ipo', dict(beta=0.3)),
          ('simpo', None, dict(beta=2.0, gamma=0.5, label_smoothing=0.1)),

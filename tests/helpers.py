@@ -146,3 +146,33 @@ def digest(folder):
       with open(path, 'rb') as f:
         out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
   return out
+
+
+def add_bos_post_processor(folder):
+  """Makes the folder's tokenizer add BOS as Llama's does (TRL tokenizes with the tokenizer's
+  special tokens; ftjax prepends BOS itself), so both see the same ids."""
+  from tokenizers import Tokenizer, processors
+
+  tok = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+  tok.post_processor = processors.TemplateProcessing(
+      single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
+  tok.save(os.path.join(folder, 'tokenizer.json'))
+
+
+def make_policy_adapter(base_folder, out):
+  """A PEFT adapter with random A and B (scaled up), so the policy differs from the base."""
+  import peft
+  import torch
+  import transformers
+
+  base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'],
+                           init_lora_weights=False, task_type='CAUSAL_LM')
+  torch.manual_seed(1)
+  model = peft.get_peft_model(base, config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'lora_B' in name:
+        p.mul_(20.0)  # a policy well away from the reference
+  model.save_pretrained(out)
+  return out

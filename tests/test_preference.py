@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from helpers import write_jsonl
+from helpers import add_bos_post_processor, make_policy_adapter, write_jsonl
 
 from configs import base as base_config
 from ftjax import config as config_lib
@@ -31,32 +31,16 @@ def bos_folder(tmp_path_factory, _hf_folder):
   tokenizes with the tokenizer's special tokens) and ftjax (which prepends BOS) agree."""
   import shutil
 
-  from tokenizers import Tokenizer, processors
-
   folder = str(tmp_path_factory.mktemp('bos') / 'base')
   shutil.copytree(_hf_folder[0], folder)
-  tok = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-  tok.post_processor = processors.TemplateProcessing(
-      single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
-  tok.save(os.path.join(folder, 'tokenizer.json'))
+  add_bos_post_processor(folder)
   return folder
 
 
 @pytest.fixture(scope='module')
 def policy_adapter(tmp_path_factory, bos_folder):
   """A PEFT adapter with random A and B: the policy differs from the adapter-free base."""
-  folder = str(tmp_path_factory.mktemp('policy'))
-  base = transformers.AutoModelForCausalLM.from_pretrained(bos_folder, dtype=torch.float32)
-  lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'],
-                                init_lora_weights=False, task_type='CAUSAL_LM')
-  torch.manual_seed(1)
-  peft_model = peft.get_peft_model(base, lora_config)
-  with torch.no_grad():
-    for name, p in peft_model.named_parameters():
-      if 'lora_B' in name:
-        p.mul_(20.0)  # a policy well away from the reference
-  peft_model.save_pretrained(folder)
-  return folder
+  return make_policy_adapter(bos_folder, str(tmp_path_factory.mktemp('policy')))
 
 
 def _ours(hf_folder, adapter, pairs_path, kind, **objective):
