@@ -104,9 +104,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
   batch = synthetic_batch(c_data.global_batch, c_data.seq_len, arch.vocab_size,
                           trainer.batch_sharding, seed=r.train.seed, pairs=pairs)
   if r.objective.precompute_ref:  # the step reads the table's rows instead of a reference
-    rows = np.zeros((c_data.global_batch, 2), np.float32)
-    batch = dict(batch, ref_logps=jax.make_array_from_callback(
-        rows.shape, trainer.batch_sharding, lambda index: rows[index]))
+    batch = dict(batch, ref_logps=data.global_rows(
+        np.zeros((c_data.global_batch, 2), np.float32), trainer.batch_sharding))
   with sharding.use(trainer.mesh, trainer.rules):
     timed = [_Timed(trainer, batch)]
     if pairs:

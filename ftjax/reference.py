@@ -56,9 +56,7 @@ class Table:
   def put(self, step: int, batch: dict[str, jax.Array], like: NamedSharding) -> dict:
     """`batch` of step `step` with its rows' reference log-probabilities, laid out as its rows
     are (the table is in global row order)."""
-    rows = self.train[step - 1]
-    arr = jax.make_array_from_callback(rows.shape, like, lambda index: rows[index])
-    return dict(batch, ref_logps=arr)
+    return dict(batch, ref_logps=data.global_rows(self.train[step - 1], like))
 
 
 def compute(trainer: Any, r: config_lib.Resolved,

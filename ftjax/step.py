@@ -12,6 +12,8 @@ the batch then carries `ref_logps`, computed before training.
 
 from __future__ import annotations
 
+import contextlib
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -42,12 +44,9 @@ def reference_logps(params, frozen, batch, ref=None, *, graphdef, loss_chunk=0):
     return batch['ref_logps']
   # Fresh Variables at this trace level (inside the accumulation scan), as in `loss_grads`.
   params, frozen, ref = jax.tree.map(lambda x: x, (params, frozen, ref))
-  if ref is None:  # LoRA: the base is the model with its adapters off
-    with lora.adapters_off():
-      model = nnx.merge(graphdef, params, frozen)
-      logps = objectives.sequence_logps(model, batch, loss_chunk=loss_chunk)[0]
-  else:
-    model = nnx.merge(graphdef, ref, frozen)
+  # LoRA (no `ref`): the base is the model with its adapters off.
+  with lora.adapters_off() if ref is None else contextlib.nullcontext():
+    model = nnx.merge(graphdef, params if ref is None else ref, frozen)
     logps = objectives.sequence_logps(model, batch, loss_chunk=loss_chunk)[0]
   return jax.lax.stop_gradient(logps)
 
@@ -151,11 +150,10 @@ def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
   logps, counts, hits, whole = objectives.sequence_logps(nnx.merge(graphdef, params, frozen),
                                                          batch, loss_chunk=loss_chunk)
   pairs = (counts[:, 0] > 0) & (counts[:, 1] > 0)
-  n = jnp.maximum(jnp.sum(pairs), 1).astype(jnp.float32)
   # Sums over pairs (ORPO's token-mean term: per pair, over this batch's mean chosen length).
   norm = objectives.normalizers(objective, batch)
-  ones = dict(pairs=jnp.ones(()), tokens=norm['tokens'] / n,
-              chosen_positions=norm['chosen_positions'] / n)
+  ones = dict(pairs=jnp.ones(()), tokens=norm['tokens'] / norm['pairs'],
+              chosen_positions=norm['chosen_positions'] / norm['pairs'])
   loss, sums = objectives.pair_loss(objective, logps, counts, ref_logps, ones, whole)
   exact = pairs & (hits[:, 0] == counts[:, 0])
   return dict(loss_sum=loss, tokens=jnp.sum(pairs).astype(jnp.float32),

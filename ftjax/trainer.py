@@ -173,9 +173,7 @@ def evaluate(trainer: Trainer, batches: list[dict[str, np.ndarray]] | None,
   with sharding.use(trainer.mesh, trainer.rules):
     for i, (batch, _) in enumerate(data.device_batches(iter(batches), trainer.batch_sharding)):
       if ref_logps is not None:
-        rows = ref_logps[i]
-        batch = dict(batch, ref_logps=jax.make_array_from_callback(
-            rows.shape, trainer.batch_sharding, lambda index, rows=rows: rows[index]))
+        batch = dict(batch, ref_logps=data.global_rows(ref_logps[i], trainer.batch_sharding))
       out = trainer.eval_step(trainer.state.params, trainer.frozen, batch, trainer.ref)
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)

@@ -10,6 +10,7 @@ from ftjax.data.pipeline import (
     device_batches,
     documents,
     eval_batches,
+    global_rows,
     to_global,
     train_batches,
 )
@@ -18,5 +19,5 @@ from ftjax.data.sources import DataError, kind_of, open_source, prepare
 
 __all__ = ['FIELDS', 'FORMATS', 'TEMPLATES', 'BadRecord', 'DataError', 'EncodeDoc', 'Encoder',
            'Options', 'Prefetcher', 'Report', 'Source', 'SourceReport', 'TrainData',
-           'device_batches', 'documents', 'eval_batches', 'kind_of', 'open_source', 'preflight',
-           'prepare', 'to_global', 'train_batches']
+           'device_batches', 'documents', 'eval_batches', 'global_rows', 'kind_of', 'open_source',
+           'preflight', 'prepare', 'to_global', 'train_batches']

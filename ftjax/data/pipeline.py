@@ -255,6 +255,12 @@ def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
   return {k: one(local[k]) for k in FIELDS}
 
 
+def global_rows(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """Rows every host holds whole, in global row order, laid out on the mesh as a batch is (each
+  device takes its own rows)."""
+  return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+
+
 def device_batches(batches: Iterator[dict[str, np.ndarray]],
                    sharding: NamedSharding) -> Iterator[tuple[dict[str, jax.Array], int]]:
   """Global batches with the count of real (non-pad) tokens in this host's rows."""
