@@ -14,7 +14,18 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import data, evals, lora, models, objectives, quantize, schema, tokenizer, workdir
+from ftjax import (
+    data,
+    evals,
+    lora,
+    models,
+    objectives,
+    quantize,
+    rewards,
+    schema,
+    tokenizer,
+    workdir,
+)
 from ftjax.errors import CheckpointError, UserError
 from ftjax.hf import gguf_file, pretrained
 from ftjax.models import layers
@@ -195,6 +206,8 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
     objective = objectives.Options(**config.objective)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if objective.rollouts:
+    _check_grpo(config, objective)
   c_data = config.data
   sources = (tuple(train_sources(c_data)) if check_files or c_data.path or c_data.sources
              else ())
@@ -218,9 +231,11 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
       optim=_section(Optim, config.optim, steps=config.train.steps),
       lora=lora_options(config.lora),
       data=Data(sources=sources, eval_sources=held_out, options=options,
-                global_batch=c_data.global_batch,
+                # grpo: a step's rows are its rollouts (prompts x completions per prompt).
+                global_batch=(objective.rows_per_step if objective.rollouts
+                              else c_data.global_batch),
                 # A preference row holds one pair (two segments): pairs are never packed.
-                pack=c_data.pack and not objective.pairs, workers=c_data.workers,
+                pack=c_data.pack and objective.kind == 'sft', workers=c_data.workers,
                 prefetch=c_data.prefetch, max_eval_examples=c_data.max_eval_examples),
       eval=_section(Eval, config.eval), ckpt=_section(Ckpt, config.ckpt),
       train=_section(Train, config.train), objective=objective, config=config.to_dict())
@@ -318,6 +333,20 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pretrained={path!r}: GGUF file not found')
   if path and not path.endswith(gguf_file.SUFFIX) and not os.path.isdir(path):
     raise ConfigError(f'model.pretrained={path!r}: folder not found')
+
+
+def _check_grpo(config: ml_collections.ConfigDict, objective: objectives.Options) -> None:
+  if objective.max_new_tokens >= config.data.seq_len:
+    raise ConfigError(f'objective.max_new_tokens={objective.max_new_tokens} must be below '
+                      f'data.seq_len={config.data.seq_len}: a row holds prompt + completion')
+  stop = config.train.stop_at_step
+  if stop and stop % objective.num_iterations:
+    raise ConfigError(f'train.stop_at_step={stop} must be a multiple of objective.num_iterations='
+                      f'{objective.num_iterations} (checkpoints fall between rollouts)')
+  try:
+    rewards.Scorer.load(objective.reward_specs, objectives.reward_names(objective))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_files(sources: tuple[data.Source, ...]) -> None:

@@ -75,23 +75,28 @@ def chunked_next_token_xent(
   return out
 
 
-def token_logps(logits: Float[Array, 'B T V'],
-                targets: Int[Array, 'B T']) -> tuple[jax.Array, jax.Array]:
+def token_logps(logits: Float[Array, 'B T V'], targets: Int[Array, 'B T'],
+                entropy: bool = False) -> tuple[jax.Array, ...]:
   """`log p(targets[b, t])` under `logits[b, t]` in float32, and whether the target is the
-  argmax (float32 0/1): two `[B, T]` arrays."""
+  argmax (float32 0/1): two `[B, T]` arrays; with `entropy`, also the distribution's entropy."""
   logits = logits.astype(jnp.float32)
   hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return -optax.softmax_cross_entropy_with_integer_labels(logits, targets), hits
+  logps = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if not entropy:
+    return logps, hits
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return logps, hits, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
 
 
 def chunked_token_logps(hidden: Float[Array, 'B T D'], targets: Int[Array, 'B T'],
                         logits_fn: Callable[[jax.Array], jax.Array],
-                        chunk: int) -> tuple[jax.Array, jax.Array]:
-  """`token_logps(logits_fn(hidden), targets)` chunk by chunk (as `chunked_next_token_xent`):
-  never more than `[B, chunk, V]` logits at once, recomputed in the backward pass."""
+                        chunk: int, entropy: bool = False) -> tuple[jax.Array, ...]:
+  """`token_logps(logits_fn(hidden), targets, entropy)` chunk by chunk (as
+  `chunked_next_token_xent`): never more than `[B, chunk, V]` logits at once, recomputed in the
+  backward pass."""
   b, t = targets.shape
   if chunk <= 0 or chunk >= t:
-    return token_logps(logits_fn(hidden), targets)
+    return token_logps(logits_fn(hidden), targets, entropy)
   n = -(-t // chunk)
   pad = n * chunk - t
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -102,7 +107,7 @@ def chunked_token_logps(hidden: Float[Array, 'B T D'], targets: Int[Array, 'B T'
 
   @jax.checkpoint
   def one(h, tg):
-    return token_logps(logits_fn(h), tg)
+    return token_logps(logits_fn(h), tg, entropy)
 
   out = jax.lax.map(lambda xs: one(*xs), (split(hidden), split(targets)))  # [n, B, chunk] each
   return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], out)

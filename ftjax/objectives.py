@@ -11,6 +11,12 @@ only completion tokens are loss-masked. From the per-row sums of completion log-
 - `orpo`: the mean cross-entropy over every token of prompt + chosen (as the ORPO authors' code
   and TRL) - lambda_ * log sigmoid(log odds ratio) (averaged log-probabilities, no reference)
 
+`grpo` (online RL, docs/grpo.md) reads rollout rows instead: prompt + one sampled completion
+per row, `objective.group_size` rows per prompt, each with the rewards of its completion. Its
+loss (`grpo_loss`) is TRL's: group-normalised advantages, the token-level clipped ratio to the
+rollout-time policy (DAPO's asymmetric `epsilon_high`), the k3 KL to the reference, averaged per
+sequence, per token or over a fixed length (`loss_norm`).
+
 Every loss is already divided by the batch's normalizers (`normalizers`, computed on the whole
 global batch before gradient accumulation), so summing microbatch losses and gradients gives
 exactly the update of one big batch.
@@ -19,14 +25,17 @@ exactly the update of one big batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ftjax import losses
 
-KINDS = ('sft', 'dpo', 'ipo', 'simpo', 'orpo')
+KINDS = ('sft', 'dpo', 'ipo', 'simpo', 'orpo', 'grpo')
 REFERENCE_FREE = ('sft', 'simpo', 'orpo')
+LOSS_NORMS = ('sequence', 'token', 'fixed')  # TRL loss_type grpo | bnpo and dapo | dr_grpo
+SCALE_REWARDS = ('group', 'batch', 'none')  # 'none' is Dr. GRPO's (no std division)
 PAIR_METRICS = ('rewards_chosen', 'rewards_rejected', 'reward_margin', 'reward_accuracy',
                 'logps_chosen', 'logps_rejected')
 
@@ -41,10 +50,30 @@ class Options:
   gamma: float = 0.5
   lambda_: float = 0.1
   precompute_ref: bool = False
+  # grpo (ignored by the other kinds)
+  group_size: int = 4
+  prompts_per_step: int = 8
+  rewards: tuple[dict[str, Any], ...] = ({'fn': 'exact_match', 'weight': 1.0},)
+  epsilon: float = 0.2
+  epsilon_high: float = 0.0  # 0 = epsilon (symmetric clip)
+  kl_beta: float = 0.0
+  num_iterations: int = 1
+  loss_norm: str = 'token'
+  scale_rewards: str = 'group'
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 32
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f'objective.kind={self.kind!r} is not one of {KINDS}')
+    # Lists from a config or JSON become hashable tuples (the options are a static argument).
+    object.__setattr__(self, 'rewards', tuple(
+        tuple(sorted(dict(r).items())) if hasattr(r, 'items') else tuple(tuple(kv) for kv in r)
+        for r in self.rewards))
+    if self.kind == 'grpo':
+      self._check_grpo()
     if not self.beta > 0:
       raise ValueError(f'objective.beta={self.beta} must be > 0')
     if not 0.0 <= self.label_smoothing < 0.5:
@@ -53,13 +82,61 @@ class Options:
       raise ValueError(f'objective.precompute_ref=True needs a reference model; '
                        f'objective.kind={self.kind!r} has none')
 
+  def _check_grpo(self):
+    checks = [('group_size', self.group_size >= 2, '>= 2 (advantages compare a group)'),
+              ('prompts_per_step', self.prompts_per_step >= 1, '>= 1'),
+              ('epsilon', 0 < self.epsilon < 1, 'in (0, 1)'),
+              ('epsilon_high', self.epsilon_high >= 0, '>= 0 (0 = epsilon)'),
+              ('kl_beta', self.kl_beta >= 0, '>= 0 (0 = no KL term, no reference)'),
+              ('num_iterations', self.num_iterations >= 1, '>= 1'),
+              ('temperature', 0 < self.temperature < float('inf'), '> 0 (rollouts sample)'),
+              ('top_p', 0 < self.top_p <= 1, 'in (0, 1]'), ('top_k', self.top_k >= 0, '>= 0'),
+              ('max_new_tokens', self.max_new_tokens >= 1, '>= 1')]
+    for name, ok, rule in checks:
+      if not ok:
+        raise ValueError(f'objective.{name}={getattr(self, name)} must be {rule}')
+    for name, value, allowed in (('loss_norm', self.loss_norm, LOSS_NORMS),
+                                 ('scale_rewards', self.scale_rewards, SCALE_REWARDS)):
+      if value not in allowed:
+        raise ValueError(f'objective.{name}={value!r} is not one of {allowed}')
+    if not self.rewards:
+      raise ValueError("objective.rewards is empty: give at least one {'fn': ..., 'weight': w}")
+    for i, spec in enumerate(self.reward_specs):
+      if not isinstance(spec.get('fn'), str):
+        raise ValueError(f"objective.rewards[{i}]={spec} needs 'fn': a built-in name "
+                         "(exact_match, regex, number) or 'module:function'")
+    if self.precompute_ref:
+      raise ValueError('objective.precompute_ref=True does not apply to grpo: its completions '
+                       'are sampled during training (the reference runs at each rollout)')
+
+  @property
+  def reward_specs(self) -> list[dict[str, Any]]:
+    """`objective.rewards` as dicts (`{'fn': ..., 'weight': ..., options}`)."""
+    return [dict(r) for r in self.rewards]
+
   @property
   def pairs(self) -> bool:
-    """Whether the data are preference pairs (every kind but sft)."""
-    return self.kind != 'sft'
+    """Whether the data are preference pairs (dpo, ipo, simpo, orpo)."""
+    return self.kind not in ('sft', 'grpo')
+
+  @property
+  def rollouts(self) -> bool:
+    """Whether each step samples its own completions (grpo)."""
+    return self.kind == 'grpo'
+
+  @property
+  def rows_per_step(self) -> int:
+    """grpo: the rows of one rollout batch (prompts x completions per prompt)."""
+    return self.prompts_per_step * self.group_size
+
+  @property
+  def clip_high(self) -> float:
+    return self.epsilon_high or self.epsilon
 
   @property
   def uses_reference(self) -> bool:
+    if self.kind == 'grpo':
+      return self.kl_beta > 0
     return self.kind not in REFERENCE_FREE
 
   @property
@@ -74,6 +151,10 @@ SFT = Options()  # the default objective
 def normalizers(options: Options, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Denominators of the loss, from the whole global batch (known before any forward pass)."""
   mask = batch['loss_mask'].astype(jnp.float32)
+  if options.rollouts:
+    rows = mask.shape[0]
+    return dict(tokens=jnp.sum(mask), sequences=jnp.float32(rows),
+                fixed=jnp.float32(rows * options.max_new_tokens))
   if not options.pairs:
     return dict(tokens=jnp.sum(mask))
   counts = segment_sums(mask, batch['segment_ids'])
@@ -102,6 +183,18 @@ def sequence_logps(model, batch: dict[str, jax.Array], *, dropout_key=None,
   mask, segments = batch['loss_mask'].astype(jnp.float32), batch['segment_ids']
   return (segment_sums(token_logps * mask, segments), segment_sums(mask, segments),
           segment_sums(hits * mask, segments), segment_sums(token_logps, segments))
+
+
+def token_logps(model, batch: dict[str, jax.Array], *, temperature: float = 1.0,
+                dropout_key=None, loss_chunk: int = 0, entropy: bool = False) -> tuple:
+  """`[B, T]` log-probabilities of every target token (and with `entropy` the distribution's
+  entropy) under the model's logits divided by `temperature` (the distribution rollouts sample
+  from, as TRL scores them)."""
+  hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
+                        dropout_key=dropout_key)
+  logits_fn = model.logits if temperature == 1.0 else (lambda h: model.logits(h) / temperature)
+  out = losses.chunked_token_logps(hidden, batch['targets'], logits_fn, loss_chunk, entropy)
+  return (out[0], out[2]) if entropy else (out[0],)
 
 
 def _smoothed(logits: jax.Array, label_smoothing: float) -> jax.Array:
@@ -158,4 +251,83 @@ def pair_loss(options: Options, logps: jax.Array, counts: jax.Array, ref_logps: 
                  reward_margin=mean(rewards[:, 0] - rewards[:, 1]),
                  reward_accuracy=mean((rewards[:, 0] > rewards[:, 1]).astype(jnp.float32)),
                  logps_chosen=mean(shown[:, 0]), logps_rejected=mean(shown[:, 1]), **extra)
+  return loss, metrics
+
+
+def advantages(options: Options, rewards: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per row, the weighted reward's advantage over its group (TRL's `sum_then_normalize`): minus
+  the group mean, divided by the group's (or with `scale_rewards='batch'` the batch's) unbiased
+  std + 1e-4, or not divided (`'none'`, Dr. GRPO); and the reward metrics.
+
+  `rewards`: `[B, F]`, one column per reward function, rows grouped by prompt (row r completes
+  prompt r // group_size).
+  """
+  weights = jnp.asarray([float(s.get('weight', 1.0)) for s in options.reward_specs], jnp.float32)
+  total = jnp.sum(rewards * weights[None, :], axis=-1)
+  grouped = total.reshape(-1, options.group_size)
+  baseline = jnp.repeat(jnp.mean(grouped, axis=1), options.group_size)
+  group_std = jnp.repeat(jnp.std(grouped, axis=1, ddof=1), options.group_size)
+  std = (jnp.broadcast_to(jnp.std(total, ddof=1), total.shape)
+         if options.scale_rewards == 'batch' else group_std)
+  adv = total - baseline
+  if options.scale_rewards != 'none':
+    adv = adv / (std + 1e-4)
+  metrics = dict(reward=jnp.mean(total), reward_std=jnp.std(total, ddof=1),
+                 reward_group_std=jnp.mean(group_std),
+                 frac_groups_zero_std=jnp.mean((jnp.std(grouped, axis=1) == 0)
+                                               .astype(jnp.float32)))
+  for i, name in enumerate(reward_names(options)):
+    metrics[f'reward_{name}'] = jnp.mean(rewards[:, i])
+    metrics[f'reward_{name}_std'] = jnp.std(rewards[:, i], ddof=1)
+  return adv, metrics
+
+
+def reward_names(options: Options) -> list[str]:
+  """One metric name per reward function: its `name`, else the function's name."""
+  names = []
+  for spec in options.reward_specs:
+    name = spec.get('name') or spec['fn'].rpartition(':')[2]
+    names.append(name if name not in names else f'{name}_{len(names)}')
+  return names
+
+
+def grpo_loss(options: Options, logps: jax.Array, entropy: jax.Array, batch: dict[str, jax.Array],
+              norm: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """TRL's GRPO loss of these rows, divided by the global batch's `norm`, and its metrics.
+
+  `logps`, `entropy`: `[B, T]` per target token under the policy (at the sampling temperature).
+  The batch holds `loss_mask` (the completion's tokens), `advantages` `[B]`, and where they
+  apply `old_logps` (the rollout-time policy; absent with one iteration: then the ratio is 1
+  and only its gradient counts) and `ref_logps` (`[B, T]` each).
+  """
+  o = options
+  mask = batch['loss_mask'].astype(jnp.float32)
+  old = batch['old_logps'] if 'old_logps' in batch else jax.lax.stop_gradient(logps)
+  ratio = jnp.exp(logps - old)
+  adv = batch['advantages'][:, None]
+  clipped = jnp.clip(ratio, 1.0 - o.epsilon, 1.0 + o.clip_high)
+  per_token = -jnp.minimum(ratio * adv, clipped * adv)
+  extra = {}
+  if o.kl_beta > 0:
+    delta = batch['ref_logps'] - logps
+    # k3 (>= 0), weighted by the ratio to the policy that sampled the token: unbiased for the
+    # current policy (TRL's use_bias_correction_kl, after DeepSeek-V3.2).
+    kl = (jnp.exp(delta) - delta - 1.0) * ratio
+    per_token = per_token + o.kl_beta * kl
+    extra['kl'] = jnp.sum(jax.lax.stop_gradient(kl) * mask) / norm['tokens']
+  if o.loss_norm == 'sequence':
+    lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    loss = jnp.sum(jnp.sum(per_token * mask, axis=-1) / lengths) / norm['sequences']
+  else:
+    loss = jnp.sum(per_token * mask) / norm['tokens' if o.loss_norm == 'token' else 'fixed']
+  ratio = jax.lax.stop_gradient(ratio)
+  low = (ratio < 1.0 - o.epsilon) & (adv < 0)
+  high = (ratio > 1.0 + o.clip_high) & (adv > 0)
+
+  def token_mean(x):
+    return jnp.sum(x.astype(jnp.float32) * mask) / norm['tokens']
+
+  metrics = dict(entropy=token_mean(jax.lax.stop_gradient(entropy)), clip_low=token_mean(low),
+                 clip_high=token_mean(high), clip_fraction=token_mean(low | high),
+                 completion_length=jnp.sum(mask) / norm['sequences'], **extra)
   return loss, metrics

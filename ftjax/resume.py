@@ -166,7 +166,7 @@ def _keep_data_position(saved: dict[str, Any], c_data: config_lib.Data, train_it
   """A changed global batch keeps the position in records, not in batches."""
   before = (saved.get('data') or {}).get('global_batch')
   after = c_data.global_batch
-  if not before or before == after:
+  if not before or before == after or not isinstance(train_iter, data.TrainData):
     return
   state = train_iter.get_state()
   if c_data.pack or set(state) != {'next_index'}:

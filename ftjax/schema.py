@@ -78,6 +78,21 @@ def defaults() -> ml_collections.ConfigDict:
       lambda_=0.1,  # orpo: weight of the odds-ratio term next to the SFT term on chosen
       precompute_ref=False,  # dpo/ipo: reference log-probs computed once before training and
       # stored with the run, so training holds one model (no reference copy)
+      # grpo (online RL; the data are prompts, docs/grpo.md):
+      group_size=4,  # completions sampled per prompt (advantages compare them)
+      prompts_per_step=8,  # prompts per rollout; a step trains on prompts x group_size rows
+      rewards=[{'fn': 'exact_match', 'weight': 1.0}],  # [{'fn': exact_match | regex | number |
+      # 'module:function', 'weight': w, ...options}]; summed with their weights
+      epsilon=0.2,  # clip of the policy ratio below 1 (and above, unless epsilon_high is set)
+      epsilon_high=0.0,  # DAPO's upper clip (0 = epsilon)
+      kl_beta=0.0,  # weight of the k3 KL to the reference (0 = none, no reference kept)
+      num_iterations=1,  # optimizer steps per rollout batch (> 1: clipped against old log-probs)
+      loss_norm='token',  # token (DAPO/BNPO) | sequence (GRPO) | fixed (Dr. GRPO: rows x max)
+      scale_rewards='group',  # group | batch | none (Dr. GRPO: no std division)
+      temperature=1.0,  # rollout sampling (the loss scores at the same temperature)
+      top_p=1.0,
+      top_k=0,  # 0 = all tokens
+      max_new_tokens=32,  # per completion; data.seq_len must hold prompt + completion
   )
   c.optim = dict(
       lr=1e-4,

@@ -61,17 +61,23 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
   the loss already divided by `norm` (`objectives.normalizers` of the whole global batch).
   """
   ref_logps = (reference_logps(params, frozen, batch, ref, graphdef=graphdef,
-                               loss_chunk=loss_chunk) if objective.uses_reference else None)
+                               loss_chunk=loss_chunk)
+               if objective.pairs and objective.uses_reference else None)
 
   def loss_fn(params):
     # Fresh Variables for the frozen weights at this trace level: NNX transforms inside the
     # model (the layer scan) refuse Variables created outside the gradient trace.
     frozen_now = jax.tree.map(lambda x: x, frozen)
-    if not objective.pairs:
+    if objective.kind == 'sft':
       stats = _loss_and_stats(params, frozen_now, batch, graphdef=graphdef,
                               dropout_key=dropout_key, loss_chunk=loss_chunk)
       return stats['loss_sum'], {}
     model = nnx.merge(graphdef, params, frozen_now)
+    if objective.rollouts:
+      logps, entropy = objectives.token_logps(model, batch, temperature=objective.temperature,
+                                              dropout_key=dropout_key, loss_chunk=loss_chunk,
+                                              entropy=True)
+      return objectives.grpo_loss(objective, logps, entropy, batch, norm)
     logps, counts, _, whole = objectives.sequence_logps(model, batch, dropout_key=dropout_key,
                                                         loss_chunk=loss_chunk)
     return objectives.pair_loss(objective, logps, counts, ref_logps, norm, whole)
@@ -97,6 +103,10 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
   key = (None if dropout_seed is None
          else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
   norm = objectives.normalizers(objective, batch)
+  reward_metrics = {}
+  if objective.rollouts:  # advantages need whole groups: computed before any split
+    advantages, reward_metrics = objectives.advantages(objective, batch['rewards'])
+    batch = dict(batch, advantages=advantages)
   grads_of = lambda mb, k: loss_grads(state.params, frozen, mb, norm, ref, graphdef=graphdef,
                                       objective=objective, dropout_key=k, loss_chunk=loss_chunk)
   if grad_accum == 1:
@@ -116,7 +126,7 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
     zeros = jax.tree.map(jnp.zeros_like,
                          jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), key))
     (grads, loss, extra), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
-  if not objective.pairs:  # the summed token loss, divided once over the whole batch
+  if objective.kind == 'sft':  # the summed token loss, divided once over the whole batch
     scale = 1.0 / jnp.maximum(norm['tokens'], 1.0)
     grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
     loss = loss * scale
@@ -130,8 +140,27 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
                          jax.tree.map(keep, opt_state, state.opt_state))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step),
-             loss_tokens=norm['tokens'], finite=finite, **extra)
+             loss_tokens=norm['tokens'], finite=finite, **extra, **reward_metrics)
   return new_state, out
+
+
+def rollout_logps(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
+                  ref: nnx.State | None = None, *, graphdef,
+                  objective: objectives.Options, loss_chunk: int = 0) -> dict[str, jax.Array]:
+  """grpo, at rollout time: the `[B, T]` token log-probabilities the loss compares against,
+  `old_logps` (these weights, when `num_iterations` > 1 reuses the rollout) and `ref_logps` (the
+  reference: adapters off with LoRA, else `ref`, the initial weights; when `kl_beta` > 0)."""
+  out = {}
+  if objective.num_iterations > 1:
+    model = nnx.merge(graphdef, params, frozen)
+    out['old_logps'] = objectives.token_logps(model, batch, temperature=objective.temperature,
+                                              loss_chunk=loss_chunk)[0]
+  if objective.uses_reference:
+    with lora.adapters_off() if ref is None else contextlib.nullcontext():
+      model = nnx.merge(graphdef, params if ref is None else ref, frozen)
+      out['ref_logps'] = objectives.token_logps(model, batch, temperature=objective.temperature,
+                                                loss_chunk=loss_chunk)[0]
+  return out
 
 
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import data, metrics, reference, resume, sharding, throughput
+from ftjax import data, metrics, reference, resume, rollout, sharding, throughput
 from ftjax import trainer as trainer_lib
 from ftjax import workdir as workdir_lib
 from ftjax.version import __version__
@@ -74,10 +74,18 @@ def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
            preemption: resume.Preemption) -> dict[str, Any]:
   c_data, c_train = r.data, r.train
   trainer = trainer_lib.from_resolved(r)
-  report = data.preflight(list(c_data.sources), c_data.options)
-  train_iter = data.train_batches(list(c_data.sources), c_data.options,
-                                  global_batch=c_data.global_batch, seed=c_train.seed,
-                                  pack=c_data.pack, workers=c_data.workers)
+  if r.objective.rollouts:  # grpo: prompts, completed by the live policy each rollout
+    prompts = rollout.Prompts.load(list(c_data.sources), c_data.options,
+                                   max_length=c_data.seq_len - r.objective.max_new_tokens + 1)
+    report = prompts
+    train_iter = rollout.Rollouts(trainer, prompts, r.objective, seq_len=c_data.seq_len,
+                                  seed=c_train.seed, num_samples=r.eval.num_samples,
+                                  tokenizer=data.formats.cached_tokenizer(c_data.options.tokenizer))
+  else:
+    report = data.preflight(list(c_data.sources), c_data.options)
+    train_iter = data.train_batches(list(c_data.sources), c_data.options,
+                                    global_batch=c_data.global_batch, seed=c_train.seed,
+                                    pack=c_data.pack, workers=c_data.workers)
   eval_set = (data.eval_batches(list(c_data.eval_sources), c_data.options,
                                 global_batch=c_data.global_batch,
                                 max_examples=c_data.max_eval_examples)
@@ -148,7 +156,8 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
   meta = dict(ftjax_version=__version__, mesh=dict(trainer.mesh.shape), preset=c_model.preset,
               config=json.loads(json.dumps(r.config, default=str)))
   stop_at = c_train.stop_at_step
-  batches = data.Prefetcher(train_iter, trainer.batch_sharding, depth=c_data.prefetch)
+  batches = (train_iter if r.objective.rollouts
+             else data.Prefetcher(train_iter, trainer.batch_sharding, depth=c_data.prefetch))
   speed = throughput.Meter(c_model.arch, num_devices=trainer.mesh.size,
                            adapter_params=trainer_lib.trained_adapters(trainer),
                            compute_dtype=config_lib.DTYPES[c_model.dtype],
@@ -160,6 +169,7 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
   first_bad, nonfinite_steps = jax.device_put((np.int32(-1), np.int32(0)),
                                               NamedSharding(trainer.mesh, P()))
   skip_nonfinite = c_train.skip_nonfinite
+  save_wanted = stop_wanted = False  # grpo: saves wait for the end of a rollout's iterations
 
   def check_finite(step: int) -> None:
     bad = int(jax.device_get(first_bad))
@@ -201,6 +211,10 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
         logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         now = time.perf_counter()
         logged.update(speed.report(now - window_start, window_steps))
+        if r.objective.rollouts:  # the window's time split into rollouts and training
+          logged.update(batches.report())
+          train_s = max(now - window_start - logged['rollout_time_s'], 1e-9)
+          logged['train_tokens_per_s'] = logged['tokens_per_s'] * (now - window_start) / train_s
         logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
         logged['skipped_records'] = sum(train_iter.skipped.counts.values())
         if skip_nonfinite:
@@ -211,10 +225,14 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
           last_eval = trainer_lib.evaluate(trainer, eval_set, gen_eval, eval_ref)
           logged.update(last_eval)
         writer.write(step, logged)
-      stop = step == stop_at or preemption.reached(step, manager)
-      if stop or is_last or manager.due(step):
+      stop_wanted |= step == stop_at or preemption.reached(step, manager)
+      save_wanted |= manager.due(step)
+      saveable = batches.saveable(step) or is_last
+      stop = stop_wanted and saveable
+      if saveable and (stop or is_last or save_wanted):
         check_finite(step)  # a non-finite state is never written
         manager.save(step, trainer.state, batches, meta)
+        save_wanted = False
       if stop:
         preempted_at = step
         break

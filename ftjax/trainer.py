@@ -38,6 +38,9 @@ class Trainer:
   # The preference reference's weights: a frozen copy of the initial trainable weights (full
   # fine-tuning with a live reference), else None (LoRA: the adapters are switched off).
   ref: nnx.State | None = None
+  # grpo: the rollout-time log-probabilities (old policy, reference), compiled; None when the
+  # loss needs neither (one iteration per rollout, no KL term) or for other objectives.
+  rollout_logps: Any = None
 
 
 def _counting(fn: Any, traces: list[int]) -> Any:
@@ -122,8 +125,14 @@ def setup(*, arch: Any, model_options: dict[str, Any], mesh_shape, rules_name: s
                                       objective=objective),
                     in_shardings=(state_sh.params, frozen_sh, batch_sh, ref_sh),
                     out_shardings=replicated)
+  rollout_fn = None
+  if objective.rollouts and (objective.num_iterations > 1 or objective.uses_reference):
+    rollout_fn = jax.jit(functools.partial(step_lib.rollout_logps, graphdef=graphdef,
+                                           objective=objective, loss_chunk=loss_chunk),
+                         in_shardings=(state_sh.params, frozen_sh, batch_sh, ref_sh),
+                         out_shardings=batch_sh)
   return Trainer(mesh, rules, graphdef, state, frozen, step_fn, eval_fn, batch_sh, traces,
-                 trainable, objective, ref)
+                 trainable, objective, ref, rollout_fn)
 
 
 def from_resolved(r: config.Resolved, *, pretrained_path: str | None = None,

@@ -305,6 +305,10 @@ class Prefetcher:
   def __iter__(self) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:
     return self
 
+  def saveable(self, step: int) -> bool:
+    """Whether a checkpoint after `step` resumes exactly (always, for data read ahead)."""
+    return True
+
   def get_state(self) -> bytes:
     """What grain's checkpoint handler writes (JSON, as for the iterator itself)."""
     return json.dumps(self._consumed_state, indent=4).encode()
