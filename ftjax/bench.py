@@ -6,6 +6,7 @@ figures are the model's and the mesh's, not the input pipeline's (`ftjax data be
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import statistics
 import time
@@ -14,9 +15,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from ftjax import config as cfg_lib
-from ftjax import data, objectives, sharding, throughput
+from ftjax import data, generation, objectives, rollout, sharding, throughput
 from ftjax import trainer as trainer_lib
 
 
@@ -106,7 +108,11 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
   if r.objective.precompute_ref:  # the step reads the table's rows instead of a reference
     batch = dict(batch, ref_logps=data.global_rows(
         np.zeros((c_data.global_batch, 2), np.float32), trainer.batch_sharding))
+  rollouts = None
   with sharding.use(trainer.mesh, trainer.rules):
+    if r.objective.rollouts:  # rows as a rollout leaves them: rewards, stored log-probs
+      rollouts = _rollout_bench(r, trainer, steps=max(steps // 2, 2))
+      batch = _rollout_batch(r, trainer, batch)
     timed = [_Timed(trainer, batch)]
     if pairs:
       timed.append(_Timed(trainer_for(config, objective=objectives.SFT)[1], batch))
@@ -151,4 +157,55 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
                   lora_rank=r.lora.rank if r.lora else 0, objective=r.objective.kind),
       **({'vs_sft': dict(sft_step_s=statistics.median(timed[1].times),
                          ratio=median / statistics.median(timed[1].times))} if pairs else {}),
+      **({'rollout': rollouts} if rollouts else {}),
   )
+
+
+def _rollout_batch(r: cfg_lib.Resolved, trainer: trainer_lib.Trainer,
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(r.train.seed)
+  scores = rng.integers(0, 2, (r.data.global_batch, len(r.objective.rewards))).astype(np.float32)
+  batch = dict(batch, rewards=data.global_rows(scores, trainer.batch_sharding))
+  if trainer.rollout_logps is not None:
+    batch.update(trainer.rollout_logps(trainer.state.params, trainer.frozen, batch, trainer.ref))
+  return batch
+
+
+def _rollout_bench(r: cfg_lib.Resolved, trainer: trainer_lib.Trainer, steps: int
+                   ) -> dict[str, Any]:
+  """grpo: a rollout (`rollout.Rollouts.generate`, as training samples it) timed side by side
+  (alternating) with `ftjax.generate` on the same prompts, sampling and lengths."""
+  o = r.objective
+  length = r.data.seq_len - o.max_new_tokens
+  rng = np.random.default_rng(r.train.seed)
+  ids = [rng.integers(3, r.model.arch.vocab_size, length).tolist()
+         for _ in range(o.prompts_per_step)]
+  prompts = rollout.Prompts(ids, [{}] * len(ids), ['synthetic'] * len(ids), collections.Counter())
+  tok = data.formats.cached_tokenizer(r.data.options.tokenizer)
+  rolls = rollout.Rollouts(trainer, prompts, o, seq_len=r.data.seq_len, seed=r.train.seed,
+                           tokenizer=tok)
+  rows = np.asarray([ids[i] for i in rolls.prompt_indices(0) for _ in range(o.group_size)],
+                    np.int32)
+  model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.frozen)
+
+  def direct():
+    out = np.asarray(generation.generate(
+        model, rows, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+        top_k=o.top_k or None, top_p=o.top_p, seed=(r.train.seed * 1_000_003) % (2**31 - 1),
+        eos_id=tok.eos_id, pad_id=-1, mesh=trainer.mesh, rules=trainer.rules))
+    return int(np.sum(out >= 0))
+
+  times: dict[str, list[float]] = dict(rollout=[], generate=[])
+  tokens = {}
+  for i in range(steps + 1):  # the first round compiles
+    for name, fn in (('rollout', lambda: sum(len(c) for c in rolls.generate(0))),
+                     ('generate', direct)):
+      start = time.perf_counter()
+      tokens[name] = fn()
+      if i:
+        times[name].append(time.perf_counter() - start)
+  rate = {k: tokens[k] / statistics.median(v) for k, v in times.items()}
+  return dict(tokens_per_s=rate['rollout'], s=statistics.median(times['rollout']),
+              tokens=tokens['rollout'], generate_tokens_per_s=rate['generate'],
+              vs_generate=rate['rollout'] / rate['generate'], rows=len(rows),
+              prompt_length=length, max_new_tokens=o.max_new_tokens)

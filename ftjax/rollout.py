@@ -19,7 +19,6 @@ import json
 import time
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 from flax import nnx
@@ -144,7 +143,7 @@ class Rollouts:
     self.seq_len, self.seed, self.tokenizer = seq_len, seed, tokenizer
     self.num_samples = num_samples
     self.scorer = rewards.Scorer.load(objective.reward_specs, objectives.reward_names(objective))
-    self.order = grain.MapDataset.range(len(prompts.ids)).shuffle(seed=seed).repeat()
+    self._epochs: dict[int, np.ndarray] = {}
     self.iterator = Cursor()
     self.skipped = _Counts(prompts.skipped)
     self._batch: dict[str, jax.Array] | None = None
@@ -175,8 +174,15 @@ class Rollouts:
 
   def prompt_indices(self, rollout: int) -> list[int]:
     """The prompts of rollout number `rollout` (0, 1, ...): a pure function of (seed, rollout)."""
-    p = self.objective.prompts_per_step
-    return [int(self.order[rollout * p + j]) for j in range(p)]
+    p, n = self.objective.prompts_per_step, len(self.prompts.ids)
+    return [int(self._order(k // n)[k % n]) for k in range(rollout * p, (rollout + 1) * p)]
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """Epoch `epoch`'s permutation of the prompts (a new order every epoch)."""
+    if epoch not in self._epochs:
+      self._epochs = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.prompts.ids)), **{e: v for e, v in self._epochs.items() if e == epoch - 1}}
+    return self._epochs[epoch]
 
   def generate(self, rollout: int) -> list[list[int]]:
     """The sampled completions of rollout `rollout` under the live weights, one list of ids

@@ -81,8 +81,8 @@ def defaults() -> ml_collections.ConfigDict:
       # grpo (online RL; the data are prompts, docs/grpo.md):
       group_size=4,  # completions sampled per prompt (advantages compare them)
       prompts_per_step=8,  # prompts per rollout; a step trains on prompts x group_size rows
-      rewards=[{'fn': 'exact_match', 'weight': 1.0}],  # [{'fn': exact_match | regex | number |
-      # 'module:function', 'weight': w, ...options}]; summed with their weights
+      rewards=({'fn': 'exact_match', 'weight': 1.0},),  # ({'fn': exact_match | regex | number |
+      # 'module:function', 'weight': w, ...options}, ...); summed with their weights
       epsilon=0.2,  # clip of the policy ratio below 1 (and above, unless epsilon_high is set)
       epsilon_high=0.0,  # DAPO's upper clip (0 = epsilon)
       kl_beta=0.0,  # weight of the k3 KL to the reference (0 = none, no reference kept)

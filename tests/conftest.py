@@ -23,7 +23,15 @@ if os.environ.get('FTJAX_TEST_COMPILE_CACHE', '1') != '0':
 
 import jax  # noqa: E402  (after the cache settings, which jax reads when imported)
 import pytest  # noqa: E402
-from helpers import REPO, add_bpe_tokenizer, digest, make_hf, write_jsonl  # noqa: E402, F401
+from helpers import (  # noqa: E402, F401
+  REPO,
+  add_bos_post_processor,
+  add_bpe_tokenizer,
+  digest,
+  make_hf,
+  make_policy_adapter,
+  write_jsonl,
+)
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -108,3 +116,19 @@ def hf_checkpoints(tmp_path_factory):
   yield get
   for folder, _, files in made.values():
     assert digest(folder) == files, f'a test changed the shared {folder}'
+
+
+@pytest.fixture(scope='session')
+def bos_folder(tmp_path_factory, _hf_folder):
+  """The shared tiny checkpoint with a tokenizer that adds BOS as Llama's does, so TRL (which
+  tokenizes with the tokenizer's special tokens) and ftjax (which prepends BOS) agree."""
+  folder = str(tmp_path_factory.mktemp('bos') / 'base')
+  shutil.copytree(_hf_folder[0], folder)
+  add_bos_post_processor(folder)
+  return folder
+
+
+@pytest.fixture(scope='session')
+def policy_adapter(tmp_path_factory, bos_folder):
+  """A PEFT adapter with random A and B: the policy differs from the adapter-free base."""
+  return make_policy_adapter(bos_folder, str(tmp_path_factory.mktemp('policy')))

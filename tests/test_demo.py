@@ -58,15 +58,23 @@ def _eval_losses(workdir):
   return [r['eval_loss'] for r in map(json.loads, lines) if 'eval_loss' in r]
 
 
-@pytest.mark.slow
-def test_dpo_demo_raises_reward_accuracy_from_a_partly_trained_base(tmp_path):
-  # The three commands of configs/demo_dpo.py's docstring, the DPO run cut to 200 of its 400 steps.
+@pytest.fixture(scope='module')
+def demo_base(tmp_path_factory):
+  """The partly trained addition base of the DPO and GRPO demos (their docstrings' first two
+  commands): 500 demo steps, exported."""
+  tmp_path = tmp_path_factory.mktemp('demo_base')
   sft = run_ftjax(*train_command(tmp_path / 'sft', '--config.train.steps=500',
                                  '--config.eval.every_steps=0'))
   assert sft.returncode == 0, sft.stderr[-3000:]
   exported = run_ftjax('export', f'--workdir={tmp_path / "sft"}', f'--out={tmp_path / "base"}')
   assert exported.returncode == 0, exported.stderr[-3000:]
-  base = f'--config.model.pretrained={tmp_path / "base"}'
+  return tmp_path / 'base'
+
+
+@pytest.mark.slow
+def test_dpo_demo_raises_reward_accuracy_from_a_partly_trained_base(tmp_path, demo_base):
+  # configs/demo_dpo.py's DPO run cut to 200 of its 400 steps.
+  base = f'--config.model.pretrained={demo_base}'
   dpo = run_ftjax(*train_command(tmp_path / 'dpo', base, '--config.train.steps=200',
                                  config=f'{REPO}/configs/demo_dpo.py'))
   assert dpo.returncode == 0, dpo.stderr[-3000:]
@@ -83,3 +91,26 @@ def test_dpo_demo_raises_reward_accuracy_from_a_partly_trained_base(tmp_path):
   assert last['eval_accuracy'] >= first['eval_accuracy'] - 0.05
   train_rows = [r for r in rows if 'reward_accuracy' in r]
   assert train_rows[-1]['reward_accuracy'] > 0.7
+
+
+@pytest.mark.slow
+def test_grpo_demo_raises_held_out_exact_match(tmp_path, demo_base):
+  base = f'--config.model.pretrained={demo_base}'
+  grpo = run_ftjax(*train_command(tmp_path / 'grpo', base, config=f'{REPO}/configs/demo_grpo.py'))
+  assert grpo.returncode == 0, grpo.stderr[-3000:]
+  match = re.search(r'^held-out accuracy: before (\d\.\d\d) -> after (\d\.\d\d)', grpo.stdout,
+                    re.MULTILINE)
+  assert match, grpo.stdout
+  metrics = (tmp_path / 'grpo' / 'metrics.jsonl').read_text()
+  rows = [json.loads(line) for line in metrics.splitlines()]
+  scores = [r['eval_generation_score'] for r in rows if 'eval_generation_score' in r]
+  assert scores[-1] > scores[0] + 0.02  # greedy completions of the held-out prompts
+  train = [r for r in rows if 'reward' in r]
+  assert train[-1]['rollout_tokens_per_s'] > 0 and train[-1]['train_tokens_per_s'] > 0
+  assert train[-1]['rollout_samples'][0]['reward_number'] in (0.0, 1.0)
+  # The benchmark times rollouts next to `ftjax generate` on the same prompts and lengths.
+  bench = run_ftjax('bench', '--config', f'{REPO}/configs/demo_grpo.py', base, '--steps=10')
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  figures = json.loads(bench.stdout.strip().splitlines()[-1])
+  assert figures['rollout']['tokens_per_s'] > 0 and figures['tokens_per_s'] > 0
+  assert figures['rollout']['vs_generate'] > 0.8

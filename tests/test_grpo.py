@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import add_bos_post_processor, make_policy_adapter, write_jsonl
+from helpers import write_jsonl
 
 from configs import base as base_config
 from ftjax import config as config_lib
@@ -106,19 +105,6 @@ def test_layout_puts_the_loss_on_the_completion():
   assert rows['segment_ids'][1].tolist() == [1, 1, 0, 0, 0, 0]
   with pytest.raises(ValueError, match='do not fit data.seq_len=3'):
     rollout.layout([[1, 5, 6]], [[8, 9]], seq_len=3)
-
-
-@pytest.fixture(scope='module')
-def bos_folder(tmp_path_factory, _hf_folder):
-  folder = str(tmp_path_factory.mktemp('bos') / 'base')
-  shutil.copytree(_hf_folder[0], folder)
-  add_bos_post_processor(folder)
-  return folder
-
-
-@pytest.fixture(scope='module')
-def policy_adapter(tmp_path_factory, bos_folder):
-  return make_policy_adapter(bos_folder, str(tmp_path_factory.mktemp('policy')))
 
 
 def _noise(shape):

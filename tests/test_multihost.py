@@ -78,3 +78,24 @@ def test_two_processes_run_dpo_like_one_process(tmp_path):
   for a, b in zip(rows['one'], rows['two'], strict=True):
     for key in ('loss', 'reward_accuracy', 'reward_margin', 'logps_chosen', 'logps_rejected'):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_two_processes_run_grpo_like_one_process(tmp_path):
+  # Rollouts are sampled on the global mesh and each process scores its own rows: the losses,
+  # rewards and sampled lengths of 2 processes x 4 devices equal 1 process x 8 devices.
+  grpo = ('--config.objective.kind=grpo', '--config.objective.group_size=4',
+          '--config.objective.prompts_per_step=4', '--config.objective.max_new_tokens=4',
+          "--config.objective.rewards=({'fn': 'regex', 'pattern': '[0-9]', 'search': True},)",
+          '--config.objective.temperature=2.0', '--config.train.steps=4')
+  _train(tmp_path / 'one', *grpo)
+  _train(tmp_path / 'two', *grpo, processes=2)
+  rows = {}
+  for name in ('one', 'two'):
+    with open(tmp_path / name / 'metrics.jsonl') as f:
+      rows[name] = [r for r in map(json.loads, f) if 'loss' in r]
+  assert len(rows['two']) == 4
+  assert any(r['reward_std'] > 0 for r in rows['one'])  # the rewards differ within the batch
+  for a, b in zip(rows['one'], rows['two'], strict=True):
+    for key in ('loss', 'grad_norm', 'reward', 'completion_length', 'entropy'):
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

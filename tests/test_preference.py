@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from helpers import add_bos_post_processor, make_policy_adapter, write_jsonl
+from helpers import write_jsonl
 
 from configs import base as base_config
 from ftjax import config as config_lib
@@ -23,24 +23,6 @@ PAIRS = [{'prompt': f'{a}+{b}=', 'chosen': str(a + b),
 TRL_NAMES = dict(rewards_chosen='rewards/chosen', rewards_rejected='rewards/rejected',
                  reward_margin='rewards/margins', reward_accuracy='rewards/accuracies',
                  logps_chosen='logps/chosen', logps_rejected='logps/rejected')
-
-
-@pytest.fixture(scope='module')
-def bos_folder(tmp_path_factory, _hf_folder):
-  """The shared tiny checkpoint with a tokenizer that adds BOS as Llama's does, so TRL (which
-  tokenizes with the tokenizer's special tokens) and ftjax (which prepends BOS) agree."""
-  import shutil
-
-  folder = str(tmp_path_factory.mktemp('bos') / 'base')
-  shutil.copytree(_hf_folder[0], folder)
-  add_bos_post_processor(folder)
-  return folder
-
-
-@pytest.fixture(scope='module')
-def policy_adapter(tmp_path_factory, bos_folder):
-  """A PEFT adapter with random A and B: the policy differs from the adapter-free base."""
-  return make_policy_adapter(bos_folder, str(tmp_path_factory.mktemp('policy')))
 
 
 def _ours(hf_folder, adapter, pairs_path, kind, **objective):
