@@ -64,18 +64,24 @@ def test_a_process_that_never_joins_fails_fast_with_a_clear_message(tmp_path):
   assert 'the coordinator (process 0) at 127.0.0.1:1 never answered' in result.stderr
 
 
-@pytest.mark.slow
-def test_two_processes_run_dpo_like_one_process(tmp_path):
-  pairs = ('--config.objective.kind=dpo', f'--config.data.path={REPO}/data/demo_dpo/train.jsonl',
-           '--config.data.seq_len=24', '--config.train.steps=3')
-  _train(tmp_path / 'one', *pairs)
-  _train(tmp_path / 'two', *pairs, processes=2)
+def _one_and_two(tmp_path, *flags):
+  """Metrics rows with a loss of the same run on 1 process x 8 devices and 2 x 4."""
+  _train(tmp_path / 'one', *flags)
+  _train(tmp_path / 'two', *flags, processes=2)
   rows = {}
   for name in ('one', 'two'):
     with open(tmp_path / name / 'metrics.jsonl') as f:
       rows[name] = [r for r in map(json.loads, f) if 'loss' in r]
-  assert len(rows['two']) == 3
-  for a, b in zip(rows['one'], rows['two'], strict=True):
+  return rows['one'], rows['two']
+
+
+@pytest.mark.slow
+def test_two_processes_run_dpo_like_one_process(tmp_path):
+  pairs = ('--config.objective.kind=dpo', f'--config.data.path={REPO}/data/demo_dpo/train.jsonl',
+           '--config.data.seq_len=24', '--config.train.steps=3')
+  one, two = _one_and_two(tmp_path, *pairs)
+  assert len(two) == 3
+  for a, b in zip(one, two, strict=True):
     for key in ('loss', 'reward_accuracy', 'reward_margin', 'logps_chosen', 'logps_rejected'):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
@@ -88,14 +94,9 @@ def test_two_processes_run_grpo_like_one_process(tmp_path):
           '--config.objective.prompts_per_step=4', '--config.objective.max_new_tokens=4',
           "--config.objective.rewards=({'fn': 'regex', 'pattern': '[0-9]', 'search': True},)",
           '--config.objective.temperature=2.0', '--config.train.steps=4')
-  _train(tmp_path / 'one', *grpo)
-  _train(tmp_path / 'two', *grpo, processes=2)
-  rows = {}
-  for name in ('one', 'two'):
-    with open(tmp_path / name / 'metrics.jsonl') as f:
-      rows[name] = [r for r in map(json.loads, f) if 'loss' in r]
-  assert len(rows['two']) == 4
-  assert any(r['reward_std'] > 0 for r in rows['one'])  # the rewards differ within the batch
-  for a, b in zip(rows['one'], rows['two'], strict=True):
+  one, two = _one_and_two(tmp_path, *grpo)
+  assert len(two) == 4
+  assert any(r['reward_std'] > 0 for r in one)  # the rewards differ within the batch
+  for a, b in zip(one, two, strict=True):
     for key in ('loss', 'grad_norm', 'reward', 'completion_length', 'entropy'):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
