@@ -8,12 +8,15 @@ with one line of JSON with fixed keys, a format its instructions alone do not re
   Anna (41) repairs bicycles in Graz.'
   ftjax export --workdir /tmp/smollm2 --out /tmp/smollm2.gguf --format gguf --dtype q8_0
 
-Data: data/smollm2_json/ (made by its make.py). The held-out score is the exact match of greedy
-completions with the reference JSON, before and after.
+Data: data/smollm2_json/ (made by its make.py). Greedy completions of the held-out prompts are
+scored before and after by `score`: format validity (one line of JSON, exactly the keys name,
+age, city, with a string, an integer and a string) and exact match with the reference.
 """
 
 import importlib.util
+import json
 import os
+from typing import Any
 
 from configs import base
 
@@ -30,6 +33,26 @@ def smollm2_gguf() -> str:
                       'SmolLM2-135M-Instruct.Q4_1.gguf')
 
 
+def valid(completion: str) -> bool:
+  """One line holding a JSON object with exactly the keys name (str), age (int), city (str)."""
+  text = completion.strip()
+  if '\n' in text:
+    return False
+  try:
+    value: Any = json.loads(text)
+  except json.JSONDecodeError:
+    return False
+  return (isinstance(value, dict) and list(value) == ['name', 'age', 'city']
+          and isinstance(value['name'], str) and isinstance(value['city'], str)
+          and isinstance(value['age'], int) and not isinstance(value['age'], bool))
+
+
+def score(completion: str, reference: str) -> dict[str, float]:
+  """`eval.score_fn` of this demo: format validity, then exact match."""
+  exact = completion.strip() == reference.strip()
+  return {'valid': float(valid(completion)), 'exact': float(exact)}
+
+
 def get_config():
   c = base.get_config()
   c.model.update(pretrained=smollm2_gguf(), loss_chunk=0)
@@ -39,7 +62,8 @@ def get_config():
   c.optim.update(lr=2e-3, warmup_steps=5, schedule='cosine')
   c.train.update(steps=30, log_every=10)
   c.eval.update(every_steps=0, generate_path=os.path.join(DATA, 'eval.jsonl'),
-                max_new_tokens=24, batch_size=50, num_samples=2)
+                max_new_tokens=24, batch_size=50, num_samples=2,
+                score_fn='configs.smollm2_lora:score')
   c.data.max_eval_examples = 50
   c.ckpt.update(every_steps=0)
   return c

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -18,7 +18,9 @@ import jax
 from ftjax import generation
 from ftjax.data import formats
 
-Score = Callable[[str, str], float]
+# A score is a float, or named floats ({'valid': 1.0, 'exact': 0.0}): the first is
+# `eval_generation_score`, and each is also logged as `eval_generation_<name>`.
+Score = Callable[[str, str], float | Mapping[str, float]]
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -27,7 +29,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def score_function(name: str) -> Score:
-  """'exact_match', or 'module.path:function' taking (prediction, reference) -> float.
+  """'exact_match', or 'module.path:function' taking (prediction, reference) -> a float, or a
+  dict of named floats (several scores of one completion, e.g. format validity and exact match).
 
   Raises:
     ValueError: the name does not resolve to a callable (the message says why).
@@ -84,13 +87,21 @@ class GenerationEval:
                batch_size=batch_size, num_samples=num_samples)
 
   def run(self, model: Any, mesh: jax.sharding.Mesh, rules: dict) -> dict[str, Any]:
-    """`eval_generation_score` (mean over prompts) and the first `num_samples` completions."""
+    """`eval_generation_score` (mean over prompts; with named scores also each one as
+    `eval_generation_<name>`) and the first `num_samples` completions."""
     results = generation.complete(model, self.prompts, batch_size=self.batch_size,
                                   stop_ids=self.stop_ids, decode=self.decode, mesh=mesh,
                                   rules=rules, max_new_tokens=self.max_new_tokens)
-    scores = [float(self.score(r['completion'], ref))
+    scores = [self.score(r['completion'], ref)
               for r, ref in zip(results, self.references, strict=True)]
+    named = isinstance(scores[0], Mapping)
+    if not named:
+      scores = [{'score': s} for s in scores]
+    means = {k: sum(float(s[k]) for s in scores) / len(scores) for k in scores[0]}
     samples = [dict(prompt=self.decode(p), completion=r['completion'], reference=ref)
                for p, r, ref in zip(self.prompts, results, self.references, strict=False)]
-    return dict(eval_generation_score=sum(scores) / len(scores),
-                eval_samples=samples[:self.num_samples])
+    out = dict(eval_generation_score=next(iter(means.values())),
+               eval_samples=samples[:self.num_samples])
+    if named:
+      out.update({f'eval_generation_{k}': v for k, v in means.items()})
+    return out

@@ -151,7 +151,8 @@ def _write(workdir: str, r: config_lib.Resolved, out_dir: str, *, fmt: str, dtyp
 
 def _write_gguf(module: nnx.Module, r: config_lib.Resolved, path: str, dtype: str) -> None:
   cfg = module.cfg
-  tensors = weights.gathered(nnx.state(module, nnx.Param), cfg)
+  params = nnx.state(module, nnx.Param)
+  tensors = weights.gathered(params, cfg)
   if jax.process_index() != 0:
     for _ in tensors:  # the gathers are collective
       pass
@@ -159,9 +160,9 @@ def _write_gguf(module: nnx.Module, r: config_lib.Resolved, path: str, dtype: st
   base = r.model.pretrained
   context = (weights.open_checkpoint(base).hf_config.get('max_position_embeddings')
              if base else None)
-  gguf_file.write(tensors, cfg, models.family_of(cfg).config_to_hf(cfg, 'float32'), path,
-                  dtype=dtype, tok=tokenizer.load(r.data.options.tokenizer),
-                  context_length=context)
+  hf = models.family_of(cfg).config_to_hf(cfg, 'float32')
+  gguf_file.write(weights.layout(params, cfg), tensors, cfg, hf, path, dtype=dtype,
+                  tok=tokenizer.load(r.data.options.tokenizer), context_length=context)
 
 
 def _replace(partial: str, final: str) -> None:

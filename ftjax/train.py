@@ -271,5 +271,20 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
   if has_eval_loss:
     writer.print(f'held-out accuracy: before {first_eval["eval_accuracy"]:.2f} -> after '
                  f'{last_eval["eval_accuracy"]:.2f} (n={last_eval["eval_examples"]})')
+  generated = _generation_scores(first_eval, last_eval)
+  if generated:
+    summary['generation'] = generated
+    writer.print('held-out generation: ' + ', '.join(
+        f'{k} {before:.2f} -> {after:.2f}' for k, (before, after) in generated.items()))
   writer.close()
   return summary
+
+
+def _generation_scores(first: dict | None, last: dict | None) -> dict[str, tuple[float, float]]:
+  """{score name: (before, after)} of the generation eval, when it ran before and after."""
+  if not first or not last or 'eval_generation_score' not in last:
+    return {}
+  names = [k for k in last if k.startswith('eval_generation_')]
+  if len(names) > 1:
+    names.remove('eval_generation_score')  # it repeats the first named score
+  return {k.removeprefix('eval_generation_'): (first[k], last[k]) for k in names if k in first}

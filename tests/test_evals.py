@@ -32,6 +32,37 @@ def test_score_functions(tmp_path, monkeypatch):
       evals.score_function(bad)
 
 
+def test_named_scores_each_become_a_metric():
+  """A score function returning named floats (the SmolLM2 demo's validity + exact match) logs
+  each, and the first is `eval_generation_score`; the demo's validity check is strict."""
+  from configs import smollm2_lora
+  from ftjax import models
+
+  model = models.create(models.config_from_preset('tiny'), seed=0)
+  references = ['{"name": "Ana", "age": 3, "city": "Oslo"}', 'no']
+  completions = []
+
+  def score(completion, reference):
+    completions.append(completion)
+    return {'valid': float(completion == completions[0]), 'exact': float(completion == reference)}
+
+  gen = evals.GenerationEval(prompts=[[1, 2, 3], [4, 5]], references=references,
+                             decode=lambda ids: ' '.join(map(str, ids)), stop_ids=[], score=score,
+                             max_new_tokens=3, batch_size=2, num_samples=1)
+  out = gen.run(model, None, None)
+  assert len(completions) == 2 and all(len(c.split()) == 3 for c in completions)
+  want_valid = (1.0 + float(completions[1] == completions[0])) / 2
+  assert out['eval_generation_valid'] == out['eval_generation_score'] == want_valid
+  assert out['eval_generation_exact'] == 0.0 and len(out['eval_samples']) == 1
+  assert train._generation_scores({**out, 'eval_generation_valid': 0.0}, out) == {
+      'valid': (0.0, want_valid), 'exact': (0.0, 0.0)}
+  assert smollm2_lora.score(references[0], references[0]) == {'valid': 1.0, 'exact': 1.0}
+  for bad in ('{"name": "Ana", "age": "3", "city": "Oslo"}', '{"name": "Ana", "city": "Oslo"}',
+              '{"age": 3, "name": "Ana", "city": "Oslo"}', '{"name": "Ana", "age": 3, "city": '
+              '"Oslo"}}', '{"name": "Ana",\n "age": 3, "city": "Oslo"}', '{"type": "json"}'):
+    assert smollm2_lora.score(bad, references[0])['valid'] == 0.0, bad
+
+
 def test_eval_config_is_checked(small_config, tmp_path):
   small_config.eval.update(every_steps=3)  # log_every is 2
   with pytest.raises(config_lib.ConfigError, match='eval.every_steps=3'):

@@ -285,3 +285,38 @@ def test_smollm2_demo_shortened_raises_the_held_out_score(tmp_path):
   summary = train.run(c, str(tmp_path / 'run'))
   assert summary['accuracy_before'] < 0.2 and summary['accuracy_after'] > 0.6, summary
   assert summary['eval_loss_after'] < 0.25 * summary['eval_loss_before']
+  (valid_before, valid_after), (exact_before, exact_after) = (
+      summary['generation'][k] for k in ('valid', 'exact'))
+  assert valid_before < 0.2 and exact_before < 0.2, summary['generation']
+  assert valid_after > 0.8 and exact_after > 0.5, summary['generation']
+
+
+@pytest.mark.parametrize('dtype', ['f32', 'bf16', 'q8_0'])
+def test_the_gguf_writer_holds_one_tensor_at_a_time(tiny_gguf, tmp_path, dtype):
+  """16 matrices of 4 MiB each go through `gguf_file.write`; traced host memory never holds
+  more than a few of them, and the file reads back as what was written."""
+  import tracemalloc
+
+  from ftjax import tokenizer
+
+  cfg = dataclasses.replace(ftjax.hf.pretrained.read_config(tiny_gguf[1]), num_layers=16)
+  layout = [(f'model.layers.{i}.mlp.up_proj.weight', (1024, 1024)) for i in range(16)]
+  tok = tokenizer.load('byte')
+
+  def tensors():
+    for i, (name, shape) in enumerate(layout):
+      yield name, np.full(shape, i / 16, np.float32)
+
+  hf = {'model_type': 'llama'}
+  tracemalloc.start()
+  try:
+    gguf_file.write(layout, tensors(), cfg, hf, str(tmp_path / 'm.gguf'), dtype=dtype, tok=tok)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < 4 * 4 * 2**20, f'{peak / 2**20:.1f} MiB traced at peak'
+  back = gguf.GGUFReader(str(tmp_path / 'm.gguf'))
+  assert len(back.tensors) == 16
+  for i, t in enumerate(back.tensors):
+    x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    np.testing.assert_allclose(x, i / 16, atol=1e-2)

@@ -202,11 +202,17 @@ def _hf_names(hf: dict[str, Any]) -> list[str]:
 WRITE_TYPES = ('f32', 'f16', 'bf16', 'q8_0')
 
 
-def write(tensors: Any, cfg: Any, hf: dict[str, Any], path: str, *, dtype: str, tok: Any,
-          name: str = '', context_length: int | None = None) -> None:
+def write(layout: list[tuple[str, tuple[int, ...]]], tensors: Any, cfg: Any, hf: dict[str, Any],
+          path: str, *, dtype: str, tok: Any, name: str = '',
+          context_length: int | None = None) -> None:
   """Writes a GGUF file llama.cpp loads: metadata from `hf` (the config.json dict of `cfg`),
   the tokenizer `tok` (byte-level BPE) with its chat template, and `tensors` ((HF name, float32
-  array) pairs, as `ftjax.hf.weights.gathered` yields them), q/k rows permuted back."""
+  array) pairs, as `ftjax.hf.weights.gathered` yields them), q/k rows permuted back.
+
+  Streamed: the tensor index is written first from `layout` ((HF name, shape) in the order
+  `tensors` yields them, `ftjax.hf.weights.layout`), then each tensor's data as it arrives, so
+  only one tensor is in host memory at a time.
+  """
   import gguf
 
   if dtype not in WRITE_TYPES:
@@ -234,22 +240,34 @@ def write(tensors: Any, cfg: Any, hf: dict[str, Any], path: str, *, dtype: str, 
   w.add_file_type(file_type[dtype])
   _add_tokenizer(w, tok, cfg.vocab_size)
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_layers)
-  qtype = {'bf16': gguf.GGMLQuantizationType.BF16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}
-  for hf_name, x in tensors:
+  stored = {'f32': gguf.GGMLQuantizationType.F32, 'f16': gguf.GGMLQuantizationType.F16,
+            'bf16': gguf.GGMLQuantizationType.BF16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}
+
+  def qtype(shape: tuple[int, ...]) -> Any:  # vectors stay F32, as llama.cpp keeps them
+    return stored['f32' if len(shape) == 1 else dtype]
+
+  for hf_name, shape in layout:
+    q = qtype(shape)
+    nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, q)))
+    w.add_tensor_info(names.get_name(hf_name, try_suffixes=('.weight', '.bias')), shape,
+                      np.dtype(np.float32), nbytes, raw_dtype=q)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_ti_data_to_file()
+  for (want, shape), (hf_name, x) in zip(layout, tensors, strict=True):
+    assert hf_name == want and x.shape == shape, (hf_name, want, x.shape, shape)
     x = np.asarray(x, np.float32)
     heads = _permuted_heads(hf_name, cfg.num_heads, cfg.num_kv_heads)
     if heads:
       x = _permute(x, heads)
-    gguf_name = names.get_name(hf_name, try_suffixes=('.weight', '.bias'))
-    if x.ndim == 1 or dtype == 'f32':
-      w.add_tensor(gguf_name, np.ascontiguousarray(x))
-    elif dtype == 'f16':
-      w.add_tensor(gguf_name, np.ascontiguousarray(x.astype(np.float16)))
+    q = qtype(shape)
+    if q == stored['f32']:
+      data = np.ascontiguousarray(x)
+    elif q == stored['f16']:
+      data = np.ascontiguousarray(x.astype(np.float16))
     else:
-      w.add_tensor(gguf_name, gguf.quants.quantize(x, qtype[dtype]), raw_dtype=qtype[dtype])
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
+      data = gguf.quants.quantize(x, q)
+    w.write_tensor_data(data)
   w.close()
 
 

@@ -161,6 +161,23 @@ def load_state(folder: Folder, cfg: Any, abstract_state: Any, shardings: Any) ->
 # ---------------------------------------------------------------------------- writing
 
 
+def layout(params: Any, cfg: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """(Hugging Face name, HF shape) of every tensor `gathered` yields, in the same order, from
+  the arrays' shapes alone (nothing is gathered): what a writer that puts an index before the
+  data (GGUF) needs up front."""
+  tmap = models.family_of(cfg).hf_tensors(cfg)
+  out = []
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    key = _names(path)
+    tensor, shape = tmap[key], tuple(var.get_value().shape)
+    if key[0] == 'blocks':
+      out += [(tensor.hf_name.format(i=i), tensor.hf_shape(shape[1:])) for i in range(shape[0])]
+    else:
+      out.append((tensor.hf_name, tensor.hf_shape(shape)))
+  return out
+
+
 def gathered(params: Any, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
   """(Hugging Face name, float32 host array in HF layout), one tensor (one layer) at a time.
 
