@@ -152,7 +152,8 @@ def _token_text(value: Any) -> str | None:
 
 def load(spec: str) -> Tokenizer:
   """'byte', a tokenizer.json file, a folder with tokenizer.json or a SentencePiece model, or a
-  llama.cpp .gguf file (its embedded byte-level BPE vocabulary and chat template)."""
+  llama.cpp .gguf file (its embedded byte-level or SentencePiece BPE vocabulary and chat
+  template)."""
   if spec == BYTE:
     return byte_level()
   if spec.endswith('.gguf'):
@@ -180,16 +181,20 @@ def load(spec: str) -> Tokenizer:
 
 
 def _from_gguf(path: str) -> Tokenizer:
-  """The byte-level BPE tokenizer a GGUF embeds (`tokenizer.ggml.*`), as transformers builds it."""
+  """The tokenizer a GGUF embeds (`tokenizer.ggml.*`), as transformers builds it: byte-level BPE
+  (`gpt2`), or SentencePiece BPE (`llama`: Llama 2, Mistral, Gemma)."""
   from ftjax.hf import gguf_file
 
   meta = gguf_file.GgufCheckpoint(path).tokenizer_metadata()
   tokens = meta['tokens']
-  vocab = {token: i for i, token in enumerate(tokens)}
-  merges = [tuple(m.split(' ', 1)) for m in meta['merges']]
-  backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.decoder = decoders.ByteLevel()
+  if meta['model'] == 'llama':
+    backend = _sentencepiece_bpe(meta)
+  else:
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = [tuple(m.split(' ', 1)) for m in meta['merges']]
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
   kinds = meta['token_type'] or [1] * len(tokens)
   # 3 = CONTROL (special tokens such as <|im_start|>), 4 = USER_DEFINED (matched whole in text).
   backend.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
@@ -199,6 +204,48 @@ def _from_gguf(path: str) -> Tokenizer:
   name = lambda key: tokens[meta['ids'][key]] if meta['ids'][key] is not None else None  # noqa: E731
   return _from_backend(backend, path, name('bos'), name('eos'), name('padding'),
                        meta['chat_template'])
+
+
+_SPACE = '\u2581'  # SentencePiece's visible space
+
+
+def _sentencepiece_bpe(meta: dict[str, Any]) -> tokenizers.Tokenizer:
+  """A SentencePiece BPE vocabulary (tokens with scores, byte-fallback `<0xNN>` tokens) as a
+  `tokenizers` BPE. The file has no merges: they are the splits of each token into two tokens,
+  best first (by score; Gemma's by position in the file, which its scores do not follow).
+  Llama-style files prepend a space to the text; Gemma's turn spaces into `\u2581` and do not."""
+  gemma = meta['arch'].startswith('gemma')
+  tokens = list(meta['tokens'])
+  if gemma:  # Gemma stores runs of spaces as spaces; its pieces spell them as \u2581
+    tokens = [_SPACE * len(t) if ' ' in t and not t.strip() else t for t in tokens]
+  vocab: dict[str, int] = {}
+  for i, t in enumerate(tokens):
+    vocab.setdefault(t, i)
+  scores = meta['scores'] or [0.0] * len(tokens)
+  rank = {t: -i if gemma else scores[i] for t, i in vocab.items()}
+  merges = []
+  for token, score in rank.items():
+    pairs = [(token[:k], token[k:]) for k in range(1, len(token))
+             if token[:k] in vocab and token[k:] in vocab]
+    merges += [(a, b, score) for a, b in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+  merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+  unk = meta['ids'].get('unknown')
+  backend = tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=[(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True,
+      unk_token=tokens[unk] if unk is not None else None))
+  steps = [decoders.Replace(_SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
+  if gemma:
+    backend.normalizer = tokenizers.normalizers.Replace(' ', _SPACE)
+    backend.pre_tokenizer = pre_tokenizers.Split(' ', behavior='merged_with_previous')
+  else:
+    prefix = meta.get('add_space_prefix')
+    prefix = True if prefix is None else bool(prefix)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=_SPACE, prepend_scheme='first' if prefix else 'never', split=False)
+    if prefix:
+      steps.append(decoders.Strip(' ', 1, 0))
+  backend.decoder = decoders.Sequence(steps)
+  return backend
 
 
 def _sentencepiece(path: str, special: dict[str, str | None], template: str | None) -> Tokenizer:

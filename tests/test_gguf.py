@@ -1,8 +1,10 @@
 """GGUF import: tiny files written here with the gguf package's writer, and the real SmolLM2."""
 
 import dataclasses
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import gguf
 import jax
@@ -50,9 +52,10 @@ def _blocks(rows: int, cols: int, qtype: Q, seed: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: str, path: str, *, types: dict[str, Q] | None = None,
-               arch: str = 'llama') -> dict[str, tuple[np.ndarray, Q]]:
-  """The HF checkpoint in `hf_dir` as a GGUF file, converted as llama.cpp does; returns the
-  raw data written for the tensors `types` quantizes."""
+               arch: str = 'llama', spm: Any = None) -> dict[str, tuple[np.ndarray, Q]]:
+  """The HF checkpoint in `hf_dir` as a GGUF file, converted as llama.cpp does (with the
+  SentencePiece processor `spm`'s vocabulary, when given); returns the raw data written for the
+  tensors `types` quantizes."""
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   c = model.config
   w = gguf.GGUFWriter(path, arch)
@@ -62,19 +65,44 @@ def write_gguf(hf_dir: str, path: str, *, types: dict[str, Q] | None = None,
   w.add_feed_forward_length(c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(float(c.rope_parameters['rope_theta']))
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  rope = c.rope_parameters.get('full_attention', c.rope_parameters)
+  w.add_rope_freq_base(float(rope['rope_theta']))
+  if rope.get('rope_type') == 'linear':
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(rope['factor'])
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
-  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+  if arch in ('gemma2', 'gemma3'):
+    w.add_sliding_window(c.sliding_window)
+    if getattr(c, 'attn_logit_softcapping', None):
+      w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if getattr(c, 'final_logit_softcapping', None):
+      w.add_final_logit_softcapping(c.final_logit_softcapping)
+  if spm is not None:  # as llama.cpp's _create_vocab_sentencepiece
+    n = spm.get_piece_size()
+    w.add_tokenizer_model('llama')
+    w.add_token_list([spm.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([spm.get_score(i) for i in range(n)])
+    w.add_token_types([2 if spm.is_unknown(i) else 3 if spm.is_control(i) else 6 if
+                       spm.is_byte(i) else 5 if spm.is_unused(i) else 1 for i in range(n)])
+    w.add_bos_token_id(spm.bos_id())
+    w.add_eos_token_id(spm.eos_id())
+    w.add_unk_token_id(spm.unk_id())
+    w.add_add_space_prefix(not arch.startswith('gemma'))
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
   written = {}
   for hf_name, tensor in model.state_dict().items():
     if hf_name == 'lm_head.weight' and c.tie_word_embeddings:
       continue
     x = tensor.numpy()
-    if 'q_proj' in hf_name:
+    if arch == 'llama' and 'q_proj' in hf_name:  # llama.cpp's LlamaModel permutes; NeoX archs not
       x = _permute(x, c.num_attention_heads)
-    elif 'k_proj' in hf_name:
+    elif arch == 'llama' and 'k_proj' in hf_name:
       x = _permute(x, c.num_key_value_heads)
+    if arch.startswith('gemma') and hf_name.endswith('norm.weight'):
+      x = x + 1.0  # llama.cpp stores Gemma's (1 + w) norms as 1 + w
     name = names.get_name(hf_name, try_suffixes=('.weight', '.bias'))
     qtype = (types or {}).get(hf_name)
     if qtype is None:
@@ -117,6 +145,138 @@ def test_a_gguf_gives_the_logits_of_its_hugging_face_checkpoint(tiny_gguf):
   from_gguf, from_hf = (ftjax.hf.pretrained.read_config(p) for p in (path, hf_dir))
   assert from_gguf.norm_eps == pytest.approx(from_hf.norm_eps, rel=1e-6)  # GGUF keeps float32
   assert dataclasses.replace(from_gguf, norm_eps=from_hf.norm_eps) == from_hf
+
+
+# Shapes that llama.cpp's fixed rules reproduce (Gemma: query scale = head_dim; Gemma 3: sliding
+# layers at rope base 10000, every 6th layer global) and where transformers' GGUF loader, which
+# reads neither qwen3's key_length, Gemma 2's soft-caps nor Gemma 3's rope scaling, falls back on
+# the same values.
+GGUF_CASES = {
+    'qwen2': ('qwen2', 'qwen2', {}),
+    'qwen3': ('qwen3', 'qwen3', dict(head_dim=128)),
+    'gemma': ('gemma', 'gemma', dict(head_dim=256)),
+    'gemma2': ('gemma2', 'gemma2', dict(head_dim=256, query_pre_attn_scalar=256,
+                                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    'gemma3': ('gemma3', 'gemma3', dict(
+        head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, sliding_window_pattern=6,
+        layer_types=['sliding_attention'] * 5 + ['full_attention'],
+        rope_parameters={'full_attention': {'rope_type': 'default', 'rope_theta': 1e6},
+                         'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}})),
+    # Gemma 3 4B-27B: linear rope scaling of the global layers (transformers' loader drops it)
+    'gemma3_scaled': ('gemma3', 'gemma3', dict(
+        head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, sliding_window_pattern=6,
+        layer_types=['sliding_attention'] * 5 + ['full_attention'])),
+}
+
+
+def _check_gguf_export(model, path, arch, out, tok=None):
+  """Writing `model` back as an f32 GGUF gives the very tensors llama.cpp's converter wrote (so
+  the writer applies the same conventions: no q/k permutation for qwen); Gemma is refused."""
+  from flax import nnx
+
+  from ftjax import models, tokenizer
+  from ftjax.hf import weights
+
+  params, cfg = nnx.state(model, nnx.Param), model.cfg
+  write = lambda: gguf_file.write(  # noqa: E731
+      weights.layout(params, cfg), weights.gathered(params, cfg), cfg,
+      models.family_of(cfg).config_to_hf(cfg, 'float32'), out, dtype='f32',
+      tok=tok or tokenizer.load('byte'))
+  if arch.startswith('gemma'):
+    with pytest.raises(CheckpointError, match='has no GGUF export in ftjax'):
+      write()
+    return
+  write()
+  tensors = lambda p: {t.name: np.asarray(t.data) for t in gguf.GGUFReader(p).tensors}  # noqa: E731
+  source, back = tensors(path), tensors(out)
+  assert set(source) == set(back)
+  for name, data in source.items():
+    np.testing.assert_array_equal(back[name], data, err_msg=name)
+
+
+@pytest.mark.parametrize('case', list(GGUF_CASES))
+def test_neox_and_gemma_ggufs_give_the_logits_of_their_checkpoint(case, tmp_path):
+  """qwen2/qwen3/gemma files as llama.cpp writes them (q/k not permuted; Gemma norms stored as
+  1 + w, its layer pattern and query scale implied): ftjax's logits equal the HF checkpoint's,
+  and transformers' own GGUF loader agrees where it reads the architecture."""
+  helper_case, arch, overrides = GGUF_CASES[case]
+  hf_dir, path = str(tmp_path / 'hf'), str(tmp_path / 'm.gguf')
+  reference = make_hf(helper_case, hf_dir, vocab_size=320, **overrides)
+  write_gguf(hf_dir, path, arch=arch)
+  ids = np.array([[1, 5, 9, 33, 7, 200, 3, 17, 250, 11, 64, 2, 99, 31, 8, 140, 6, 77]], np.int32)
+  with torch.no_grad():
+    want = reference(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  model = ftjax.load_pretrained(path, dtype='float32')
+  got = np.asarray(model(jax.numpy.asarray(ids)))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  _check_gguf_export(model, path, arch, str(tmp_path / 'back.gguf'))
+  if case not in ('gemma', 'gemma3_scaled'):  # what transformers' GGUF loader reads right
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file='m.gguf', dtype=torch.float32,
+        attn_implementation='eager')  # Gemma 2's attention soft-cap is eager-only there
+    with torch.no_grad():
+      np.testing.assert_allclose(theirs(torch.tensor(ids, dtype=torch.long)).logits.numpy(),
+                                 want, atol=1e-4, rtol=1e-4)
+
+
+SPM_TEXT = [
+    'The quick brown fox jumps over the lazy dog, twice: 12 + 30 = 42.',
+    'Der schnelle braune Fuchs springt über den faulen Hund. Größe, Straße, Übung.',
+    'Le renard brun rapide saute par-dessus le chien paresseux; déjà vu, à bientôt.',
+    'Быстрая коричневая лиса прыгает через ленивую собаку.',
+    '素早い茶色の狐がのろまな犬を飛び越える。日本語のテキスト。',
+    'def add(a, b):\n    return a + b  # two  spaces   and tabs\t!',
+] * 20
+
+
+@pytest.mark.parametrize('arch', ['llama', 'gemma2'])
+def test_a_sentencepiece_gguf_tokenizes_as_sentencepiece_and_transformers(arch, tmp_path):
+  """A SentencePiece BPE vocabulary (byte fallback) in a GGUF, as llama.cpp writes Llama 2 /
+  Mistral (space prefix) and Gemma (none) files: ftjax's ids equal those of the SentencePiece
+  model itself and of transformers' tokenizer built from the same GGUF, on text in five
+  scripts with bytes outside the vocabulary; decoding gives the text back."""
+  import sentencepiece
+
+  from ftjax import tokenizer
+
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(SPM_TEXT), model_writer=model, vocab_size=480, model_type='bpe',
+      byte_fallback=True, character_coverage=0.98, add_dummy_prefix=arch == 'llama',
+      normalization_rule_name='identity', remove_extra_whitespaces=False,
+      split_by_whitespace=arch == 'llama', allow_whitespace_only_pieces=True)
+  spm = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+  make_hf(GGUF_CASES['gemma2'][0] if arch == 'gemma2' else 'llama', str(tmp_path / 'hf'),
+          vocab_size=spm.get_piece_size(),
+          **(GGUF_CASES['gemma2'][2] if arch == 'gemma2' else {}))
+  path = str(tmp_path / 'm.gguf')
+  write_gguf(str(tmp_path / 'hf'), path, arch=arch, spm=spm)
+  ours = tokenizer.load(path)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file='m.gguf')
+  samples = [*dict.fromkeys(SPM_TEXT), 'Zürich ☃ naïve façade 🤖 — ünïcödé', '  leading and '
+             'trailing  ', 'x\n\ny', 'Ωmega 0x7F ¿qué? ½']
+  for text in samples:
+    want = spm.encode(text)
+    got = ours.encode(text)
+    assert got == theirs.encode(text, add_special_tokens=False), text
+    if arch == 'llama' and text.startswith(' '):
+      # Text that starts with a space: SentencePiece (and llama.cpp) add the prefix space
+      # anyway, transformers' Metaspace does not; ftjax follows transformers.
+      assert got == [want[0]] + want[2:] and spm.id_to_piece(want[1]) == '\u2581', text
+    else:
+      assert got == want, text
+    assert ours.decode(want) == spm.decode(want), text
+  assert (ours.bos_id, ours.eos_id) == (spm.bos_id(), spm.eos_id())
+  assert ours.vocab_size == spm.get_piece_size()
+  if arch == 'llama':  # exported, the tokenizer is the source file's, field for field
+    model = ftjax.load_pretrained(path, dtype='float32')
+    out = str(tmp_path / 'back.gguf')
+    _check_gguf_export(model, path, arch, out, tok=ours)
+    fields = lambda p: {k: f.contents() for k, f in gguf.GGUFReader(p).fields.items()  # noqa: E731
+                        if k.startswith('tokenizer.')}
+    assert fields(out) == fields(path)
+    back = tokenizer.load(out)
+    assert all(back.encode(text) == ours.encode(text) for text in samples)
 
 
 @pytest.mark.parametrize('qtype', [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,

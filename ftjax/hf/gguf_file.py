@@ -2,9 +2,11 @@
 dequantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, ...) and read by
 Hugging Face name, so `ftjax.hf.weights` streams them into sharded arrays like safetensors.
 
-llama.cpp's converter permutes the rows of q and k (rotary halves interleaved); reading undoes
-it, so the tensors are exactly the Hugging Face ones. Read with the `gguf` package (the reader
-llama.cpp publishes); nothing in the file is executed.
+llama.cpp's converter changes two things, and reading undoes both, so the tensors are exactly the
+Hugging Face ones: for the `llama` architecture (Llama, Mistral, SmolLM) it permutes the rows of q
+and k (rotary halves interleaved; qwen2/qwen3/gemma run NeoX rope and are not permuted), and for
+Gemma it stores every norm weight w as 1 + w. Read with the `gguf` package (the reader llama.cpp
+publishes); nothing in the file is executed.
 """
 
 from __future__ import annotations
@@ -19,8 +21,19 @@ import numpy as np
 from ftjax.errors import CheckpointError
 
 SUFFIX = '.gguf'
-# GGUF architecture -> the Hugging Face model_type whose config.json it stands for.
-ARCHITECTURES = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mistral': 'mistral'}
+# GGUF architecture -> the Hugging Face model_type whose config.json it stands for (Mistral's
+# files are `llama`: llama.cpp has no separate architecture for it).
+ARCHITECTURES = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'gemma': 'gemma',
+                 'gemma2': 'gemma2', 'gemma3': 'gemma3_text'}
+# llama.cpp interleaves the rotary halves of q/k rows for these architectures only.
+_PERMUTED = ('llama',)
+# Gemma's norms compute x * (1 + w); llama.cpp stores 1 + w.
+_NORM_SHIFTED = ('gemma', 'gemma2', 'gemma3')
+# Gemma's sliding/global layer pattern (every N-th layer global), fixed in llama.cpp's code.
+_GEMMA_GLOBAL_EVERY = {'gemma2': 2, 'gemma3': 6}
+# The Gemma 27B models scale queries by hidden/heads, the others by head_dim; llama.cpp tells
+# them apart by layer count (46: Gemma 2 27B, 62: Gemma 3 27B).
+_GEMMA_27B_LAYERS = {'gemma2': 46, 'gemma3': 62}
 _DEQUANTIZED = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q2_K', 'Q3_K',
                 'Q4_K', 'Q5_K', 'Q6_K')
 
@@ -94,32 +107,56 @@ class GgufCheckpoint:
       raise CheckpointError(f'{self.path}: GGUF metadata lacks {a}.attention.head_count or '
                             f'{a}.embedding_length')
     vocab = get('vocab_size') or len(self._value('tokenizer.ggml.tokens', []))
-    if get('rope.scaling.type') not in (None, 'none'):
-      raise CheckpointError(f"{self.path}: GGUF rope scaling {get('rope.scaling.type')!r} is "
-                            'not supported')
-    return dict(
+    rope = {'rope_type': 'default', 'rope_theta': float(get('rope.freq_base', 10_000.0))}
+    scaling = get('rope.scaling.type')
+    if scaling == 'linear':
+      rope.update(rope_type='linear', factor=float(get('rope.scaling.factor')))
+    elif scaling not in (None, 'none'):
+      raise CheckpointError(f'{self.path}: GGUF rope scaling {scaling!r} is not supported '
+                            '(supported: none, linear)')
+    layers, head_dim = int(get('block_count')), int(get('attention.key_length', embed // heads))
+    hf = dict(
         model_type=ARCHITECTURES[a], vocab_size=int(vocab), hidden_size=int(embed),
-        num_hidden_layers=int(get('block_count')), num_attention_heads=int(heads),
-        num_key_value_heads=int(get('attention.head_count_kv', heads)),
-        head_dim=int(get('attention.key_length', embed // heads)),
+        num_hidden_layers=layers, num_attention_heads=int(heads),
+        num_key_value_heads=int(get('attention.head_count_kv', heads)), head_dim=head_dim,
         intermediate_size=int(get('feed_forward_length')),
         rms_norm_eps=float(get('attention.layer_norm_rms_epsilon', 1e-6)),
-        rope_theta=float(get('rope.freq_base', 10_000.0)),
-        max_position_embeddings=int(get('context_length', 0)) or None,
+        rope_parameters=rope, max_position_embeddings=int(get('context_length', 0)) or None,
         tie_word_embeddings='output.weight' not in self._tensors,
         attention_bias=a == 'llama' and 'blk.0.attn_q.bias' in self._tensors,
         torch_dtype='float32')
+    if a.startswith('gemma'):
+      hf['hidden_activation'] = 'gelu_pytorch_tanh'
+    if a in _GEMMA_GLOBAL_EVERY:
+      pattern = get('attention.sliding_window_pattern')
+      every = _GEMMA_GLOBAL_EVERY[a] if pattern is None else _global_every(pattern, layers)
+      hf.update(sliding_window=int(get('attention.sliding_window')),
+                layer_types=['full_attention' if every and (i + 1) % every == 0 else
+                             'sliding_attention' for i in range(layers)],
+                query_pre_attn_scalar=(embed // heads if layers == _GEMMA_27B_LAYERS[a]
+                                       else head_dim),
+                attn_logit_softcapping=get('attn_logit_softcapping'),
+                final_logit_softcapping=get('final_logit_softcapping'))
+    if a == 'gemma3':  # sliding layers use rope base 10000 in llama.cpp, unscaled
+      hf['rope_parameters'] = {'full_attention': rope, 'sliding_attention': {
+          'rope_type': 'default', 'rope_theta': 10_000.0}}
+    return hf
 
   def tokenizer_metadata(self) -> dict[str, Any]:
     """`tokenizer.ggml.*` and the chat template, as plain Python values."""
     model = self._value('tokenizer.ggml.model')
-    if model != 'gpt2':
+    if model not in ('gpt2', 'llama'):
       raise CheckpointError(f'{self.path}: GGUF tokenizer model {model!r} is not supported '
-                            "(supported: 'gpt2', byte-level BPE); pass data.tokenizer")
-    ids = {k: self._value(f'tokenizer.ggml.{k}_token_id') for k in ('bos', 'eos', 'padding')}
-    return dict(tokens=list(self._value('tokenizer.ggml.tokens')),
+                            "(supported: 'gpt2', byte-level BPE, and 'llama', SentencePiece "
+                            'BPE); pass data.tokenizer')
+    ids = {k: self._value(f'tokenizer.ggml.{k}_token_id')
+           for k in ('bos', 'eos', 'padding', 'unknown')}
+    return dict(model=model, arch=self.arch, tokens=list(self._value('tokenizer.ggml.tokens')),
                 merges=list(self._value('tokenizer.ggml.merges', [])),
+                scores=list(self._value('tokenizer.ggml.scores', [])),
                 token_type=list(self._value('tokenizer.ggml.token_type', [])),
+                add_space_prefix=self._value('tokenizer.ggml.add_space_prefix'),
+                add_bos=self._value('tokenizer.ggml.add_bos_token'),
                 pre=self._value('tokenizer.ggml.pre'), ids=ids,
                 chat_template=self._value('tokenizer.chat_template'))
 
@@ -138,10 +175,12 @@ class GgufCheckpoint:
       return self._cache[name]
     t = self._tensor(name)
     x = self._dequantized(t, np.asarray(t.data)).reshape(self.shape(name))
-    heads = _permuted_heads(name, self.hf_config['num_attention_heads'],
+    heads = _permuted_heads(self.arch, name, self.hf_config['num_attention_heads'],
                             self.hf_config['num_key_value_heads'])
     if heads:
       x = _unpermute(x, heads)
+    if _norm_shifted(self.arch, name):
+      x = x - 1.0
     self._cache[name] = x
     while len(self._cache) > self._cache_size:
       self._cache.popitem(last=False)
@@ -160,7 +199,7 @@ class GgufCheckpoint:
     """`tensor(name)[index]`; a matrix whose rows are not permuted dequantizes only the rows
     asked for (so a sharded embedding never exists whole in float32)."""
     shape = self.shape(name)
-    if len(shape) != 2 or _permuted_heads(name, 1, 1):  # permuted rows: read it whole
+    if len(shape) != 2 or _permuted_heads(self.arch, name, 1, 1):  # permuted: read it whole
       return self.tensor(name)[index]
     rows = range(*index[0].indices(shape[0]))
     t = self._tensor(name)
@@ -168,13 +207,33 @@ class GgufCheckpoint:
     return self._dequantized(t, block).reshape(len(rows), shape[1])[:, index[1]]
 
 
-def _permuted_heads(name: str, heads: int, kv_heads: int) -> int | None:
-  """The head count llama.cpp permuted the rows of tensor `name` by (q and k), else None."""
+def _permuted_heads(arch: str, name: str, heads: int, kv_heads: int) -> int | None:
+  """The head count llama.cpp permuted the rows of tensor `name` by (q and k of the `llama`
+  architecture), else None."""
+  if arch not in _PERMUTED:
+    return None
   if '.q_proj.' in name:
     return heads
   if '.k_proj.' in name:
     return kv_heads
   return None
+
+
+def _norm_shifted(arch: str, name: str) -> bool:
+  return arch in _NORM_SHIFTED and name.endswith('norm.weight')
+
+
+def _global_every(pattern: Any, layers: int) -> int:
+  """`attention.sliding_window_pattern` (an int, or one bool per layer: True = sliding) as
+  'every N-th layer is global'."""
+  if isinstance(pattern, int):
+    return pattern
+  sliding = [bool(p) for p in pattern]
+  for every in range(1, layers + 1):
+    if sliding == [(i + 1) % every != 0 for i in range(layers)]:
+      return every
+  raise CheckpointError(f'GGUF sliding_window_pattern {sliding} is not "every N-th layer '
+                        'global"; ftjax does not support it')
 
 
 def _unpermute(x: np.ndarray, heads: int) -> np.ndarray:
@@ -187,6 +246,7 @@ def _hf_names(hf: dict[str, Any]) -> list[str]:
   """Every tensor name a Hugging Face checkpoint of this architecture may hold."""
   names = ['model.embed_tokens.weight', 'model.norm.weight', 'lm_head.weight']
   per_layer = ['input_layernorm.weight', 'post_attention_layernorm.weight',
+               'pre_feedforward_layernorm.weight', 'post_feedforward_layernorm.weight',
                'self_attn.q_norm.weight', 'self_attn.k_norm.weight',
                'mlp.gate_proj.weight', 'mlp.up_proj.weight', 'mlp.down_proj.weight']
   for proj in ('q', 'k', 'v', 'o'):
@@ -217,10 +277,7 @@ def write(layout: list[tuple[str, tuple[int, ...]]], tensors: Any, cfg: Any, hf:
 
   if dtype not in WRITE_TYPES:
     raise ValueError(f'--dtype={dtype!r} for --format gguf; expected one of {WRITE_TYPES}')
-  arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf['model_type'])
-  if arch is None or cfg.qk_norm and arch != 'qwen3':
-    raise CheckpointError(f"model_type {hf['model_type']!r} has no GGUF export in ftjax; "
-                          f'supported: {sorted(ARCHITECTURES.values())}')
+  arch = _export_arch(cfg, hf['model_type'])
   w = gguf.GGUFWriter(path, arch)
   w.add_name(name or f'ftjax {hf["model_type"]}')
   w.add_block_count(cfg.num_layers)
@@ -234,6 +291,9 @@ def write(layout: list[tuple[str, tuple[int, ...]]], tensors: Any, cfg: Any, hf:
   w.add_rope_dimension_count(cfg.head_dim)
   w.add_rope_freq_base(float(cfg.rope_theta))
   w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+  if cfg.rope_linear_factor != 1.0:
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(float(cfg.rope_linear_factor))
   w.add_vocab_size(cfg.vocab_size)
   file_type = {'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
                'bf16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -257,7 +317,7 @@ def write(layout: list[tuple[str, tuple[int, ...]]], tensors: Any, cfg: Any, hf:
   for (want, shape), (hf_name, x) in zip(layout, tensors, strict=True):
     assert hf_name == want and x.shape == shape, (hf_name, want, x.shape, shape)
     x = np.asarray(x, np.float32)
-    heads = _permuted_heads(hf_name, cfg.num_heads, cfg.num_kv_heads)
+    heads = _permuted_heads(arch, hf_name, cfg.num_heads, cfg.num_kv_heads)
     if heads:
       x = _permute(x, heads)
     q = qtype(shape)
@@ -271,6 +331,30 @@ def write(layout: list[tuple[str, tuple[int, ...]]], tensors: Any, cfg: Any, hf:
   w.close()
 
 
+# model_type -> the GGUF architecture llama.cpp converts it to (Mistral is `llama` there).
+_EXPORT_ARCH = {'llama': 'llama', 'mistral': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3'}
+
+
+def _export_arch(cfg: Any, model_type: str) -> str:
+  """The GGUF architecture of `cfg`, or a CheckpointError naming what llama.cpp would compute
+  differently (a file that loads but gives other logits is worse than none)."""
+  arch = _EXPORT_ARCH.get(model_type)
+  if arch is None:
+    raise CheckpointError(f'model_type {model_type!r} has no GGUF export in ftjax (supported: '
+                          f'{sorted(_EXPORT_ARCH)}); export it with --format hf')
+  unsupported = [what for what, present in (
+      ('llama3 rope scaling (llama.cpp needs a rope_freqs tensor)', cfg.rope_scaling_factor != 1.0),
+      (f'sliding-window attention ({cfg.sliding_window})', bool(cfg.sliding_window)),
+      ('q/k norms', cfg.qk_norm != (arch == 'qwen3')),
+      ('q/k/v biases' if cfg.qkv_bias else 'no q/k/v biases',
+       cfg.qkv_bias != (arch == 'qwen2' or cfg.o_bias)),
+  ) if present]
+  if unsupported:
+    raise CheckpointError(f'model_type {model_type!r} with {", ".join(unsupported)} has no GGUF '
+                          'export in ftjax; export it with --format hf')
+  return arch
+
+
 def _permute(x: np.ndarray, heads: int) -> np.ndarray:
   """llama.cpp's q/k row permutation (the inverse of `_unpermute`)."""
   return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(
@@ -278,16 +362,21 @@ def _permute(x: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _add_tokenizer(w: Any, tok: Any, vocab_size: int) -> None:
-  """`tokenizer.ggml.*` of a byte-level BPE `ftjax.tokenizer.Tokenizer` (its `backend`)."""
+  """`tokenizer.ggml.*` of `tok` (an `ftjax.tokenizer.Tokenizer`): copied as they are from the
+  GGUF it came from, or built from a byte-level BPE `backend`."""
   import json
 
+  if tok.source.endswith(SUFFIX):
+    _copy_tokenizer(w, tok, vocab_size)
+    return
   if tok.backend is None:
     raise CheckpointError(f'{tok.source}: only byte-level BPE tokenizers (tokenizer.json or a '
                           'GGUF) can be written into a GGUF file')
   spec = json.loads(tok.backend.to_str())
-  if spec['model']['type'] != 'BPE':
-    raise CheckpointError(f"{tok.source}: a {spec['model']['type']} tokenizer cannot be written "
-                          'into a GGUF file (byte-level BPE only)')
+  if spec['model']['type'] != 'BPE' or spec['model'].get('byte_fallback'):
+    kind = 'SentencePiece-style BPE' if spec['model']['type'] == 'BPE' else spec['model']['type']
+    raise CheckpointError(f'{tok.source}: a {kind} tokenizer.json cannot be written into a GGUF '
+                          'file (byte-level BPE, or a tokenizer read from a GGUF, only)')
   vocab = tok.backend.get_vocab(with_added_tokens=True)
   tokens = [f'[PAD{i}]' for i in range(vocab_size)]
   for token, i in vocab.items():
@@ -308,5 +397,35 @@ def _add_tokenizer(w: Any, tok: Any, vocab_size: int) -> None:
   w.add_eos_token_id(tok.eos_id)
   w.add_pad_token_id(tok.pad_id)
   w.add_add_bos_token(False)
+  if tok.chat_template:
+    w.add_chat_template(tok.chat_template)
+
+
+def _copy_tokenizer(w: Any, tok: Any, vocab_size: int) -> None:
+  """The source GGUF's `tokenizer.ggml.*` (vocabulary, scores or merges, token types, the
+  pre-tokenizer name llama.cpp picks its split rule by, special ids) and `tok`'s chat template."""
+  meta = GgufCheckpoint(tok.source).tokenizer_metadata()
+  if len(meta['tokens']) != vocab_size:
+    raise CheckpointError(f'{tok.source}: its tokenizer has {len(meta["tokens"])} tokens, the '
+                          f'model {vocab_size}; pass a matching data.tokenizer')
+  w.add_tokenizer_model(meta['model'])
+  if meta['pre'] is not None:
+    w.add_tokenizer_pre(meta['pre'])
+  w.add_token_list(meta['tokens'])
+  if meta['scores']:
+    w.add_token_scores(meta['scores'])
+  if meta['token_type']:
+    w.add_token_types(meta['token_type'])
+  if meta['merges']:
+    w.add_token_merges(meta['merges'])
+  add = {'bos': w.add_bos_token_id, 'eos': w.add_eos_token_id, 'padding': w.add_pad_token_id,
+         'unknown': w.add_unk_token_id}
+  for key, value in meta['ids'].items():
+    if value is not None:
+      add[key](int(value))
+  if meta['add_space_prefix'] is not None:
+    w.add_add_space_prefix(bool(meta['add_space_prefix']))
+  if meta['add_bos'] is not None:
+    w.add_add_bos_token(bool(meta['add_bos']))
   if tok.chat_template:
     w.add_chat_template(tok.chat_template)
