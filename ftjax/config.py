@@ -112,6 +112,18 @@ class Data:
 
 
 @_frozen
+class Audit:
+  """`ftjax data audit --strict` thresholds (shares, 0..1)."""
+
+  max_bad_record_share: float = 0.01
+  max_duplicate_share: float = 0.05
+  max_near_duplicate_share: float = 0.10
+  max_contradiction_share: float = 0.01
+  max_contamination: float = 0.0
+  max_truncated_share: float = 0.05
+
+
+@_frozen
 class Eval:
   every_steps: int
   generate_path: str
@@ -160,6 +172,7 @@ class Resolved:
   ckpt: Ckpt
   train: Train
   objective: objectives.Options = objectives.Options()
+  audit: Audit = Audit()
   config: dict[str, Any] = dataclasses.field(compare=False, default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
@@ -181,7 +194,8 @@ class Resolved:
                optim=Optim(**block['optim']), lora=lora.Options(**c_lora) if c_lora else None,
                data=Data(**d), eval=Eval(**block['eval']), ckpt=Ckpt(**block['ckpt']),
                train=Train(**block['train']),
-               objective=objectives.Options(**block.get('objective', {})), config=config)
+               objective=objectives.Options(**block.get('objective', {})),
+               audit=Audit(**block.get('audit', {})), config=config)
 
 
 def _targets(targets: Any) -> str | tuple[str, ...]:
@@ -238,7 +252,8 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
                 pack=c_data.pack and objective.kind == 'sft', workers=c_data.workers,
                 prefetch=c_data.prefetch, max_eval_examples=c_data.max_eval_examples),
       eval=_section(Eval, config.eval), ckpt=_section(Ckpt, config.ckpt),
-      train=_section(Train, config.train), objective=objective, config=config.to_dict())
+      train=_section(Train, config.train), objective=objective,
+      audit=_section(Audit, config.audit), config=config.to_dict())
 
 
 def model_config(model: ml_collections.ConfigDict) -> Any:

@@ -26,6 +26,7 @@ commands:
   plot    loss and learning rate against steps as a PNG: ftjax plot --workdir RUN [--out F.png]
   data    data prepare --source FILE --out FILE.array_record   (random access at scale)
           data bench --config X [--batches N]    (tokens/s of the input pipeline alone)
+          data audit --config X [--source FILE] [--out DIR] [--strict]   (what the data is)
   checkpoint bench --config X     (blocking vs total time of an async checkpoint save)
   bench   time the real train step: ftjax bench --config X [--steps N]  (tokens/s, MFU, memory)
   plan    compile the train step for a TPU slice from this machine and say if it fits:
@@ -92,8 +93,13 @@ def _plot_flags(fv: flags.FlagValues) -> None:
 
 def _data_flags(fv: flags.FlagValues) -> None:
   cli.config_flag(fv)
-  flags.DEFINE_string('source', None, 'prepare: the source to convert.', flag_values=fv)
-  flags.DEFINE_string('out', None, 'prepare: the ArrayRecord file to write.', flag_values=fv)
+  flags.DEFINE_string('source', None, 'prepare: the source to convert; audit: one file to audit '
+                      "(with --config: its tokenizer and settings) instead of the run's sources.",
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'prepare: the ArrayRecord file to write; audit: the report '
+                      'folder (default: ./audit).', flag_values=fv)
+  flags.DEFINE_boolean('strict', False, 'audit: exit 1 when a share exceeds its audit.* '
+                       'threshold.', flag_values=fv)
   flags.DEFINE_string('split', '', 'prepare: split of a tfds:// source.', flag_values=fv)
   flags.DEFINE_integer('batches', 50, 'bench: batches to time.', flag_values=fv)
 
@@ -185,8 +191,19 @@ def _data(fv: flags.FlagValues, argv: list[str]) -> None:
     except (config_lib.ConfigError, data.DataError) as e:
       cli.fail(str(e))
     print(json.dumps(result))
+  elif action == 'audit':
+    from ftjax.data import audit
+
+    if fv.config is None and not fv.source:
+      cli.fail('usage: ftjax data audit --config configs/X.py [--source FILE] [--out DIR] '
+               '[--strict]')
+    try:
+      code = audit.run(fv.config, source=fv.source, out=fv.out or 'audit', strict=fv.strict)
+    except (config_lib.ConfigError, data.DataError) as e:
+      cli.fail(str(e))
+    sys.exit(code)
   else:
-    cli.fail('usage: ftjax data prepare|bench ...')
+    cli.fail('usage: ftjax data prepare|bench|audit ...')
 
 
 def _checkpoint(fv: flags.FlagValues, argv: list[str]) -> None:

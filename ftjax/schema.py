@@ -129,6 +129,14 @@ def defaults() -> ml_collections.ConfigDict:
       num_samples=3,  # completions logged as text (TensorBoard, metrics.jsonl)
       batch_size=16,  # prompts generated at once
   )
+  c.audit = dict(  # `ftjax data audit --strict` fails when a share exceeds its threshold
+      max_bad_record_share=0.01,  # records that cannot be parsed or used
+      max_duplicate_share=0.05,  # exact duplicates (normalised text) of an earlier record
+      max_near_duplicate_share=0.10,  # near duplicates (MinHash, Jaccard >= 0.8)
+      max_contradiction_share=0.01,  # records whose prompt has another, different answer
+      max_contamination=0.0,  # held-out examples with a 13-gram in the training data
+      max_truncated_share=0.05,  # records longer than data.seq_len + 1 (cut or skipped)
+  )
   c.ckpt = dict(
       every_steps=500,  # 0 = only by time / at the end
       every_minutes=0.0,  # 0 = only by steps / at the end

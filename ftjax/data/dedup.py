@@ -1,0 +1,132 @@
+"""When two records are the same: normalised text, exact and near duplicates, contradictions and
+n-gram overlap with held-out data. Pure functions over numpy; the audit and the filters share them.
+
+Near duplicates are MinHash signatures of character 5-gram shingles, bucketed by LSH bands
+(`BANDS` x `ROWS` = `NUM_PERM`), then confirmed by the estimated Jaccard similarity. The few
+lines are written over numpy rather than taken from `datasketch`: it hashes every shingle with
+SHA-1 in a Python loop (about 20 million calls for 100k chat records), where a polynomial hash
+over the whole text is one vectorised expression; and the hashes here depend on nothing but
+the text, so every host computes the same ones.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ftjax.data import formats
+
+SHINGLE = 5  # characters per shingle
+NUM_PERM = 64  # MinHash signature length
+BANDS, ROWS = 16, 4  # LSH: a pair shares a bucket with probability 1 - (1 - J^4)^16
+THRESHOLD = 0.8  # estimated Jaccard similarity at or above which two texts are near duplicates
+NGRAM = 13  # words per n-gram for contamination (the common decontamination practice)
+_PRIME = np.uint64((1 << 61) - 1)
+_perm = np.random.default_rng(20240601)
+_A = _perm.integers(1, 1 << 31, NUM_PERM, dtype=np.uint64)
+_B = _perm.integers(0, 1 << 31, NUM_PERM, dtype=np.uint64)
+_WORD = re.compile(r'\w+')
+
+
+def normalize(text: str) -> str:
+  """NFKC, case-folded, whitespace collapsed: what 'the same text' means here."""
+  return ' '.join(unicodedata.normalize('NFKC', text).casefold().split())
+
+
+def parts(record: dict[str, Any], fmt: str) -> tuple[str, str]:
+  """(prompt, answer) of a record: what is asked and what the model learns to say. A plain
+  `text` record has no prompt; a conversation's answer is its last assistant turn and its prompt
+  every turn before that; a preference pair's answer is chosen and rejected together."""
+  if fmt == 'text':
+    return '', str(record.get('text', ''))
+  if fmt == 'prompt_completion':
+    return str(record.get('prompt', '')), str(record.get('completion', ''))
+  if fmt == 'alpaca':
+    return (f"{record.get('instruction', '')}\n{record.get('input', '') or ''}",
+            str(record.get('output', '')))
+  if fmt == 'preference':
+    prompt = record.get('prompt', '')
+    prompt = prompt if isinstance(prompt, str) else _render(prompt)
+    return prompt, f"{_render(record['chosen'])}\n\x00\n{_render(record['rejected'])}"
+  messages = formats.messages_of(record, fmt)
+  last = max((i for i, m in enumerate(messages) if m['role'] == 'assistant'), default=None)
+  if last is None:
+    return _render(messages), ''
+  return _render(messages[:last]), messages[last]['content']
+
+
+def _render(value: Any) -> str:
+  if isinstance(value, str):
+    return value
+  return '\n'.join(f"{m.get('role', '')}: {m.get('content', '')}" for m in value
+                   if isinstance(m, dict))
+
+
+def _codes(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode('utf-32-le'), np.uint32).astype(np.uint64)
+
+
+def _rolling(values: np.ndarray, n: int) -> np.ndarray:
+  """A hash of every window of `n` consecutive values (mod 2^61 - 1, a fixed polynomial)."""
+  if len(values) < n:
+    n = max(len(values), 1)
+    values = values if len(values) else np.zeros(1, np.uint64)
+  out = np.zeros(len(values) - n + 1, np.uint64)
+  for k in range(n):  # n is small: 5 or 13 vectorised passes
+    out = (out * np.uint64(1_000_003) + values[k:len(values) - n + 1 + k]) % _PRIME
+  return out
+
+
+def signature(text: str) -> np.ndarray:
+  """The MinHash signature (NUM_PERM uint32) of `text`'s character shingles (normalised)."""
+  shingles = np.unique(_rolling(_codes(normalize(text)), SHINGLE))
+  hashed = (shingles[:, None] * _A[None, :] + _B[None, :]) % _PRIME
+  return (hashed.min(axis=0) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+  """The estimated Jaccard similarity of two signatures."""
+  return float(np.mean(a == b))
+
+
+class NearIndex:
+  """Signatures added one by one; `add` returns the first earlier near duplicate, if any."""
+
+  def __init__(self):
+    self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(BANDS)]
+    self.signatures: list[np.ndarray] = []
+
+  def add(self, sig: np.ndarray) -> int | None:
+    index = len(self.signatures)
+    keys = [sig[b * ROWS:(b + 1) * ROWS].tobytes() for b in range(BANDS)]
+    candidates = sorted({j for band, key in zip(self._buckets, keys, strict=True)
+                         for j in band.get(key, ())})
+    match = next((j for j in candidates if similarity(sig, self.signatures[j]) >= THRESHOLD), None)
+    self.signatures.append(sig)
+    for band, key in zip(self._buckets, keys, strict=True):
+      band.setdefault(key, []).append(index)
+    return match
+
+
+def ngrams(text: str, n: int = NGRAM) -> np.ndarray:
+  """Hashes of the word n-grams of the normalised text (one hash of all words if fewer)."""
+  words = _WORD.findall(normalize(text))
+  if not words:
+    return np.zeros(0, np.uint64)
+  ids = np.array([_word_hash(w) for w in words], np.uint64)
+  return _rolling(ids, n)
+
+
+def _word_hash(word: str) -> int:
+  return int(_rolling(_codes(word), len(word))[0])
+
+
+def overlapping(train: Iterable[np.ndarray], held_out: list[np.ndarray]) -> list[bool]:
+  """For each held-out example's n-grams: does any of them occur in the training n-grams?"""
+  chunks = [g for g in train if len(g)]
+  seen = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.uint64)
+  return [bool(len(g)) and bool(np.isin(g, seen, assume_unique=False).any()) for g in held_out]
