@@ -187,7 +187,8 @@ class Resolved:
     d = dict(block['data'])
     d['sources'] = tuple(data.Source(**s) for s in d['sources'])
     d['eval_sources'] = tuple(data.Source(**s) for s in d['eval_sources'])
-    d['options'] = data.Options(**d['options'])
+    d['options'] = data.Options(**{**d['options'], 'decontaminate': tuple(
+        d['options'].get('decontaminate', ()))})
     c_lora = block['lora'] and {**block['lora'], 'targets': _targets(block['lora']['targets'])}
     mesh = Mesh(**{**block['mesh'], 'shape': tuple(block['mesh']['shape'])})
     return cls(model=Model(**m), mesh=mesh,
@@ -238,7 +239,9 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
       tokenizer=c_data.tokenizer or c.pretrained or tokenizer.BYTE, seq_len=c_data.seq_len,
       train_on=c_data.train_on, chat_template=c_data.chat_template,
       on_bad_record=c_data.on_bad_record, on_too_long=c_data.on_too_long,
-      tfds_data_dir=c_data.tfds_data_dir, pairs=objective.pairs)
+      tfds_data_dir=c_data.tfds_data_dir, pairs=objective.pairs, dedup=c_data.dedup,
+      drop_contradictions=c_data.drop_contradictions,
+      decontaminate=_decontaminate_against(config, held_out))
   return Resolved(
       model=model, mesh=Mesh(shape=tuple(config.mesh.shape), rules=config.mesh.rules,
                              num_slices=config.mesh.num_slices),
@@ -254,6 +257,20 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
       eval=_section(Eval, config.eval), ckpt=_section(Ckpt, config.ckpt),
       train=_section(Train, config.train), objective=objective,
       audit=_section(Audit, config.audit), config=config.to_dict())
+
+
+def _decontaminate_against(config: ml_collections.ConfigDict,
+                           held_out: tuple[data.Source, ...]) -> tuple[str, ...]:
+  """The held-out files `data.decontaminate` checks the training records against."""
+  if not config.data.decontaminate:
+    return ()
+  paths = [s.path for s in held_out]
+  if config.eval.generate_path and config.eval.generate_path not in paths:
+    paths.append(config.eval.generate_path)
+  if not paths:
+    raise ConfigError('data.decontaminate=True needs held-out data to check against: set '
+                      'data.eval_path or eval.generate_path')
+  return tuple(paths)
 
 
 def model_config(model: ml_collections.ConfigDict) -> Any:
@@ -304,6 +321,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       'data.train_on': (config.data.train_on, ('assistant', 'completion', 'all')),
       'data.on_bad_record': (config.data.on_bad_record, ('error', 'skip')),
       'data.on_too_long': (config.data.on_too_long, ('truncate', 'skip', 'error')),
+      'data.dedup': (config.data.dedup, ('none', 'exact', 'near')),
       'train.nan_policy': (config.train.nan_policy, ('stop', 'skip_step')),
   }
   for key, (value, allowed) in choices.items():

@@ -65,6 +65,9 @@ def defaults() -> ml_collections.ConfigDict:
       train_on='assistant',  # assistant (= completion) | all: which tokens count in the loss
       on_bad_record='error',  # error | skip (counted per reason in skipped_records)
       on_too_long='truncate',  # truncate | skip | error
+      dedup='none',  # none | exact | near: drop duplicates of an earlier record before training
+      drop_contradictions=False,  # drop every record of a prompt with differing answers
+      decontaminate=False,  # drop records sharing a 13-gram with data.eval_path/eval.generate_path
       workers=0,  # grain worker processes for tokenizing and packing (0 = in the main process)
       prefetch=2,  # global batches put on the devices ahead of the step that uses them
       tfds_data_dir='',  # where tfds:// datasets were prepared

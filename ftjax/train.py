@@ -122,6 +122,8 @@ def _start(r: config_lib.Resolved, workdir: str, run_dir: workdir_lib.RunDir,
                f'{dict(trainer.mesh.shape)}, steps {start_step + 1}..{c_train.steps}'
                + (f' (resumed from step {start_step})' if start_step else ''))
   writer.print(report.summary_line())
+  if getattr(train_iter, 'filtered', None):  # data.dedup & co, decided once before shuffling
+    writer.print(f'data: filters dropped {dict(sorted(train_iter.filtered.items()))} records')
   for line in start.notes:
     writer.print(line)
   if start_step >= c_train.steps:
@@ -145,6 +147,7 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
           preemption, table) -> dict[str, Any]:
   c_data, c_train, c_model = r.data, r.train, r.model
   eval_ref = table.eval if table is not None else None
+  filtered = dict(getattr(train_iter, 'filtered', {}))  # records data.dedup & co dropped
   if start_step == 0:
     first_eval = (trainer_lib.evaluate(trainer, eval_set, gen_eval, eval_ref)
                   if eval_set or gen_eval else None)
@@ -217,6 +220,8 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
           logged['train_tokens_per_s'] = logged['tokens_per_s'] * (now - window_start) / train_s
         logged['packing_efficiency'] = window_tokens / (window_steps * row_tokens)
         logged['skipped_records'] = sum(train_iter.skipped.counts.values())
+        if filtered:
+          logged['filtered_records'] = sum(filtered.values())
         if skip_nonfinite:
           logged['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
         window_start, window_tokens, window_steps = now, 0, 0
@@ -240,7 +245,8 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
   manager.close()
   wall = time.perf_counter() - start
   summary = dict(steps=c_train.steps, wall_s=wall, final_loss=logged.get('loss'),
-                 skipped_records=dict(train_iter.skipped.counts), preempted_at=preempted_at,
+                 skipped_records=dict(train_iter.skipped.counts), filtered_records=filtered,
+                 preempted_at=preempted_at,
                  train_step_compiles=len(trainer.step_traces))
   if skip_nonfinite:
     summary['nonfinite_steps'] = int(jax.device_get(nonfinite_steps))
@@ -265,6 +271,8 @@ def _loop(r, workdir, trainer, train_iter, eval_set, gen_eval, manager, start_st
     line += f', eval loss {first_eval["eval_loss"]:.4f} -> {last_eval["eval_loss"]:.4f}'
   if train_iter.skipped.counts:
     line += f', skipped records {dict(sorted(train_iter.skipped.counts.items()))}'
+  if filtered:
+    line += f', filtered records {dict(sorted(filtered.items()))}'
   if skip_nonfinite and summary['nonfinite_steps']:
     line += f', {summary["nonfinite_steps"]} non-finite steps skipped'
   writer.print(line)

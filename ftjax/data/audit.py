@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
@@ -29,10 +28,6 @@ KNOWN_ROLES = ('system', 'user', 'assistant', 'tool')
 RECORD_REASONS = ('wrong_type', 'missing_field', 'unknown_format', 'no_assistant_turn',
                   'template', 'not_a_pair', 'empty_pair', 'bad_json', 'bad_utf8', 'empty',
                   'no_target')
-
-
-def _key(text: str) -> bytes:
-  return hashlib.blake2b(text.encode('utf-8'), digest_size=16).digest()
 
 
 def structure(messages: list[dict[str, str]]) -> list[str]:
@@ -74,10 +69,8 @@ class _Scan:
 
   def __init__(self, options: Options):
     self.options = options
-    self.exact: dict[bytes, str] = {}
-    self.near = dedup.NearIndex()
-    self.near_where: list[str] = []
-    self.prompts: dict[bytes, list[tuple[bytes, np.ndarray, str]]] = {}
+    self.dedup = dedup.Deduper()
+    self.where: list[str] = []  # of each record the deduper saw
     self.duplicates, self.near_duplicates = _Finding(), _Finding()
     self.bad = _Finding()
     self.bad_reasons: collections.Counter[str] = collections.Counter()
@@ -141,35 +134,23 @@ class _Scan:
     self.sources.append(rep)
 
   def _dedup(self, prompt: str, answer: str, where: str) -> None:
-    full = dedup.normalize(f'{prompt}\n{answer}')
-    key = _key(full)
-    if key in self.exact:
-      self.duplicates.add(where=where, duplicate_of=self.exact[key])
-      return
-    self.exact[key] = where
-    self.ngrams.append(dedup.ngrams(f'{prompt} {answer}'))
-    match = self.near.add(dedup.signature(full))
-    self.near_where.append(where)
-    if match is not None:
-      self.near_duplicates.add(where=where, near_duplicate_of=self.near_where[match])
-    p = dedup.normalize(prompt)
-    if p:
-      a = dedup.normalize(answer)
-      self.prompts.setdefault(_key(p), []).append((_key(a), dedup.signature(a), where))
+    kind, of = self.dedup.add(prompt, answer)
+    self.where.append(where)
+    if kind is None or kind == 'near_duplicate':
+      self.ngrams.append(dedup.ngrams(f'{prompt} {answer}'))
+    if kind == 'duplicate':
+      self.duplicates.add(where=where, duplicate_of=self.where[of])
+    elif kind == 'near_duplicate':
+      self.near_duplicates.add(where=where, near_duplicate_of=self.where[of])
 
   def contradictions(self) -> tuple[_Finding, int]:
     """Prompts with answers that differ (not near duplicates of each other), and how many
     records those prompts hold."""
     found, records = _Finding(), 0
-    for entries in self.prompts.values():
-      if len(entries) < 2:
-        continue
-      first = entries[0]
-      differing = [e for e in entries[1:] if e[0] != first[0]
-                   and dedup.similarity(e[1], first[1]) < dedup.THRESHOLD]
-      if differing:
-        found.add(where=first[2], conflicts_with=[e[2] for e in differing[:EXAMPLES]])
-        records += 1 + len(differing)
+    for first, differing in self.dedup.contradictions():
+      found.add(where=self.where[first],
+                conflicts_with=[self.where[i] for i in differing[:EXAMPLES]])
+      records += 1 + len(differing)
     return found, records
 
 

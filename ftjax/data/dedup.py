@@ -11,6 +11,7 @@ the text, so every host computes the same ones.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -130,3 +131,50 @@ def overlapping(train: Iterable[np.ndarray], held_out: list[np.ndarray]) -> list
   chunks = [g for g in train if len(g)]
   seen = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.uint64)
   return [bool(len(g)) and bool(np.isin(g, seen, assume_unique=False).any()) for g in held_out]
+
+
+def _key(text: str) -> bytes:
+  return hashlib.blake2b(text.encode('utf-8'), digest_size=16).digest()
+
+
+class Deduper:
+  """Records added in order (0, 1, ...): `add` says whether one repeats an earlier record,
+  exactly (normalised text) or nearly; `contradictions` groups the records whose prompt has
+  answers that are not near duplicates of each other. Exact duplicates join no group."""
+
+  def __init__(self):
+    self._exact: dict[bytes, int] = {}
+    self._near = NearIndex()
+    self._near_ids: list[int] = []
+    self._prompts: dict[bytes, list[tuple[bytes, np.ndarray, int]]] = {}
+    self.count = 0
+
+  def add(self, prompt: str, answer: str) -> tuple[str | None, int | None]:
+    """('duplicate' | 'near_duplicate' | None, the earlier record's number)."""
+    index = self.count
+    self.count += 1
+    full = normalize(f'{prompt}\n{answer}')
+    key = _key(full)
+    if key in self._exact:
+      return 'duplicate', self._exact[key]
+    self._exact[key] = index
+    match = self._near.add(signature(full))
+    self._near_ids.append(index)
+    p = normalize(prompt)
+    if p:
+      a = normalize(answer)
+      self._prompts.setdefault(_key(p), []).append((_key(a), signature(a), index))
+    if match is not None:
+      return 'near_duplicate', self._near_ids[match]
+    return None, None
+
+  def contradictions(self) -> list[tuple[int, list[int]]]:
+    """(first record of a prompt, the later ones whose answers differ from its answer)."""
+    out = []
+    for entries in self._prompts.values():
+      first = entries[0]
+      differing = [e[2] for e in entries[1:]
+                   if e[0] != first[0] and similarity(e[1], first[1]) < THRESHOLD]
+      if differing:
+        out.append((first[2], differing))
+    return out

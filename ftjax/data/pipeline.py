@@ -22,6 +22,7 @@ import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 from jax.sharding import NamedSharding
 
+from ftjax.data import filters
 from ftjax.data.formats import FORMATS, EncodeDoc, Encoder
 from ftjax.data.sources import DataError, open_source
 
@@ -65,6 +66,9 @@ class Options:
   on_too_long: str = 'truncate'
   tfds_data_dir: str = ''
   pairs: bool = False  # preference pairs (objective.kind != sft): one pair per row
+  dedup: str = 'none'  # none | exact | near: duplicates of an earlier record are not read
+  drop_contradictions: bool = False  # records of a prompt with differing answers are not read
+  decontaminate: tuple[str, ...] = ()  # held-out files: records sharing a 13-gram are not read
 
   def encode_doc(self, fmt: str) -> EncodeDoc:
     encoder = Encoder(self.tokenizer, fmt=fmt, train_on=self.train_on,
@@ -151,19 +155,25 @@ def local_batch_size(global_batch: int, shard_count: int) -> int:
 
 
 def _mixture(sources: list[Source], options: Options, *,
-             seed: int) -> tuple[grain.MapDataset, int]:
-  """The endless mixture of encoded documents and the record count of one pass over `sources`."""
+             seed: int) -> tuple[grain.MapDataset, int, dict[str, int]]:
+  """The endless mixture of encoded documents, the record count of one pass over `sources`, and
+  the records the filters (`data.dedup`, ...) dropped, by reason."""
   mixed, records = [], 0
+  kept = filters.keep(sources, options)
   for i, source in enumerate(sources):
     ds = open_source(source.path, split=source.split, tfds_data_dir=options.tfds_data_dir)
+    if kept is not None:  # before the shuffle: positions index the kept records
+      ds = grain.MapDataset.source(kept.indices[i]).map(ds.__getitem__)
     if len(ds) == 0:
-      raise DataError(f'{source.path}: no records')
+      raise DataError(f'{source.path}: no records' + (
+          f' left after the filters (dropped: {kept.dropped})' if kept is not None else ''))
     records += len(ds)
     ds = ds.shuffle(seed=seed + 7919 * i).repeat()  # a new order every epoch
     mixed.append(ds.map(options.encode_doc(source.format)))
+  dropped = kept.dropped if kept is not None else {}
   if len(mixed) == 1:
-    return mixed[0], records
-  return grain.MapDataset.mix(mixed, weights=[s.weight for s in sources]), records
+    return mixed[0], records, dropped
+  return grain.MapDataset.mix(mixed, weights=[s.weight for s in sources]), records, dropped
 
 
 def documents(sources: list[Source], options: Options, *, seed: int) -> grain.MapDataset:
@@ -178,6 +188,7 @@ class TrainData:
 
   iterator: grain.DatasetIterator
   skipped: SkipCounter
+  filtered: dict[str, int] = dataclasses.field(default_factory=dict)  # dropped, by reason
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self.iterator)
@@ -205,7 +216,7 @@ def train_batches(sources: list[Source], options: Options, *, global_batch: int,
   """
   index, count = shard or _shard()
   local = local_batch_size(global_batch, count)
-  docs, records = _mixture(sources, options, seed=seed)
+  docs, records, dropped = _mixture(sources, options, seed=seed)
   # More skips in a row than a whole pass over the data holds means nothing usable is left.
   skipped = SkipCounter(limit=max(1000, records))
   if pack:
@@ -219,7 +230,7 @@ def train_batches(sources: list[Source], options: Options, *, global_batch: int,
     batches = rows.batch(local, drop_remainder=True)[index::count].to_iter_dataset()
   if workers:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return TrainData(iter(batches), skipped)
+  return TrainData(iter(batches), skipped, dropped)
 
 
 def eval_batches(sources: list[Source], options: Options, *, global_batch: int,
