@@ -109,10 +109,10 @@ def test_the_audit_finds_nothing_on_clean_data(tmp_path):
 
 
 def test_near_duplicate_signatures_are_deterministic_and_graded():
-  text = 'the quick brown fox jumps over the lazy dog ' * 6
+  rng = np.random.default_rng(1)
+  text = _words(rng, 60)
   a, b = dedup.signature(text), dedup.signature(text)
   assert (a == b).all() and a.dtype == np.uint32 and len(a) == dedup.NUM_PERM
-  rng = np.random.default_rng(1)
   assert dedup.similarity(a, dedup.signature(_change_chars(text, rng))) >= dedup.THRESHOLD
   assert dedup.similarity(a, dedup.signature(_words(rng, 50))) < 0.2
   assert dedup.normalize('  Ünïcode\tTEXT  ') == dedup.normalize('ünïcode text')

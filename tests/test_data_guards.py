@@ -56,14 +56,35 @@ def test_a_line_that_is_not_utf8_is_one_bad_record(tmp_path):
   assert set(it.skipped.counts) == {'bad_utf8'} and it.skipped.counts['bad_utf8'] >= 3
 
 
-def test_a_truncated_or_corrupt_gzip_names_the_file(tmp_path):
-  whole = gzip.compress(b''.join(b'{"text": "record %d"}\n' % i for i in range(200)))
-  truncated, corrupt = tmp_path / 'cut.jsonl.gz', tmp_path / 'corrupt.jsonl.gz'
-  truncated.write_bytes(whole[: len(whole) // 2])
+def test_a_truncated_gzip_or_json_array_keeps_the_records_before_the_break(tmp_path, monkeypatch):
+  """A .jsonl.gz cut short, or a JSON array cut short, is read up to the break: the break is one
+  bad record naming file:line (an error under on_bad_record=error, skipped under skip); a file
+  that is not gzip at all names the file."""
+  monkeypatch.setenv('FTJAX_CACHE_DIR', str(tmp_path / 'cache'))
+  lines = [b'{"text": "record %d"}\n' % i for i in range(2000)]
+  whole = gzip.compress(b''.join(lines), compresslevel=1)
+  cut, corrupt = tmp_path / 'cut.jsonl.gz', tmp_path / 'corrupt.jsonl.gz'
+  cut.write_bytes(whole[: len(whole) // 2])
   corrupt.write_bytes(b'this is not gzip data')
-  for path in (truncated, corrupt):
-    with pytest.raises(data.DataError, match=rf'^{path}: truncated or corrupt gzip file \('):
-      data.train_batches([data.Source(str(path))], opts(), global_batch=2, seed=0, shard=(0, 1))
+  array = tmp_path / 'cut.json'
+  array.write_text('[\n' + ',\n'.join(f'{{"text": "record {i}"}}' for i in range(50))[:-9])
+  with pytest.raises(data.DataError, match=rf'^{corrupt}: truncated or corrupt gzip file \('):
+    data.train_batches([data.Source(str(corrupt))], opts(), global_batch=2, seed=0, shard=(0, 1))
+  for path, reason, detail in ((cut, 'truncated', 'truncated gzip stream'),
+                               (array, 'truncated', 'the JSON array breaks here')):
+    records = data.sources.open_records(str(path))
+    kept = len(records) - 1
+    assert 0 < kept < (2000 if path == cut else 50)
+    assert [data.sources.parse(records[i]["raw"])['text'] for i in range(kept)] == [
+        f'record {i}' for i in range(kept)]
+    with pytest.raises(data.DataError, match=rf'^{path}:{kept + (1 if path == cut else 2)}: '
+                                             rf'{detail}.*set data.on_bad_record=skip'):
+      data.eval_batches([data.Source(str(path))], opts(), global_batch=1, shard=(0, 1))
+    it = data.train_batches([data.Source(str(path))], opts(on_bad_record='skip'), global_batch=4,
+                            seed=0, pack=False, shard=(0, 1))
+    texts = {t for _ in range(kept // 4) for t in texts_of(next(it))}
+    assert texts <= {f'record {i}' for i in range(kept)}
+    assert set(it.skipped.counts) <= {reason}
 
 
 def test_a_document_with_no_target_is_skipped(tmp_path):

@@ -75,7 +75,7 @@ class _Scan:
     self.bad = _Finding()
     self.bad_reasons: collections.Counter[str] = collections.Counter()
     self.structure: dict[str, _Finding] = collections.defaultdict(_Finding)
-    self.ngrams: list[np.ndarray] = []
+    self.held_out = dedup.HeldOut([])
     self.sources: list[dict[str, Any]] = []
     self.lengths: list[int] = []
     self.turns: list[int] = []
@@ -137,7 +137,7 @@ class _Scan:
     kind, of = self.dedup.add(prompt, answer)
     self.where.append(where)
     if kind is None or kind == 'near_duplicate':
-      self.ngrams.append(dedup.ngrams(f'{prompt} {answer}'))
+      self.held_out.mark(f'{prompt} {answer}')
     if kind == 'duplicate':
       self.duplicates.add(where=where, duplicate_of=self.where[of])
     elif kind == 'near_duplicate':
@@ -202,13 +202,14 @@ def audit(sources: list[Source], options: Options, *, held_out: list[str], pack:
   """The report (a JSON-able dict) on `sources` as a run with `options` would read them, with
   `held_out` files checked for contamination."""
   scan = _Scan(options)
+  examples = [(p, w, t) for p in held_out for w, t in _held_out(p, options)]
+  scan.held_out = dedup.HeldOut([t for _, _, t in examples])
   for source in sources:
     scan.source(source)
   total = sum(s['records'] for s in scan.sources)
   usable = total - scan.bad.count
   contradictions, conflicting = scan.contradictions()
-  examples = [(p, w, t) for p in held_out for w, t in _held_out(p, options)]
-  hits = dedup.overlapping(scan.ngrams, [dedup.ngrams(t) for _, _, t in examples])
+  hits = scan.held_out.hit.tolist()
   contamination = _Finding()
   by_file: collections.Counter[str] = collections.Counter()
   for (path, where, _), hit in zip(examples, hits, strict=True):

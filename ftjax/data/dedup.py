@@ -1,8 +1,9 @@
 """When two records are the same: normalised text, exact and near duplicates, contradictions and
 n-gram overlap with held-out data. Pure functions over numpy; the audit and the filters share them.
 
-Near duplicates are MinHash signatures of character 5-gram shingles, bucketed by LSH bands
-(`BANDS` x `ROWS` = `NUM_PERM`), then confirmed by the estimated Jaccard similarity. The few
+Near duplicates are MinHash signatures (one-permutation hashing) of character 5-gram shingles,
+bucketed by LSH bands (`BANDS` x `ROWS` = `NUM_PERM`), then confirmed by the estimated Jaccard
+similarity. The few
 lines are written over numpy rather than taken from `datasketch`: it hashes every shingle with
 SHA-1 in a Python loop (about 20 million calls for 100k chat records), where a polynomial hash
 over the whole text is one vectorised expression; and the hashes here depend on nothing but
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -83,10 +83,25 @@ def _rolling(values: np.ndarray, n: int) -> np.ndarray:
 
 
 def signature(text: str) -> np.ndarray:
-  """The MinHash signature (NUM_PERM uint32) of `text`'s character shingles (normalised)."""
-  shingles = np.unique(_rolling(_codes(normalize(text)), SHINGLE))
-  hashed = (shingles[:, None] * _A[None, :] + _B[None, :]) % _PRIME
-  return (hashed.min(axis=0) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  """The MinHash signature (NUM_PERM uint32) of `text`'s character shingles (normalised), by
+  one-permutation hashing: each shingle is hashed once and falls in one of NUM_PERM bins, whose
+  minimum is the bin's value; an empty bin borrows the next non-empty one's (rotation
+  densification). O(shingles), where NUM_PERM permutations cost O(shingles x NUM_PERM)."""
+  shingles = _rolling(_codes(normalize(text)), SHINGLE)
+  h = (shingles * _A[0] + _B[0]) % _PRIME
+  bins, values = (h % np.uint64(NUM_PERM)).astype(np.int64), h // np.uint64(NUM_PERM)
+  sig = np.full(NUM_PERM, np.iinfo(np.uint64).max, np.uint64)
+  np.minimum.at(sig, bins, values)
+  empty = sig == np.iinfo(np.uint64).max
+  if empty.all():
+    return np.zeros(NUM_PERM, np.uint32)
+  if empty.any():
+    full = np.flatnonzero(~empty)
+    # the next non-empty bin to the right (circularly), and how far it is
+    nxt = full[np.searchsorted(full, np.arange(NUM_PERM)) % len(full)]
+    distance = (nxt - np.arange(NUM_PERM)) % NUM_PERM
+    sig = sig[nxt] + distance.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+  return (sig & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -126,11 +141,30 @@ def _word_hash(word: str) -> int:
   return int(_rolling(_codes(word), len(word))[0])
 
 
-def overlapping(train: Iterable[np.ndarray], held_out: list[np.ndarray]) -> list[bool]:
-  """For each held-out example's n-grams: does any of them occur in the training n-grams?"""
-  chunks = [g for g in train if len(g)]
-  seen = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.uint64)
-  return [bool(len(g)) and bool(np.isin(g, seen, assume_unique=False).any()) for g in held_out]
+class HeldOut:
+  """The n-grams of held-out examples; `mark` records which examples a training text shares one
+  with. Memory is the held-out set's, whatever the size of the training data."""
+
+  def __init__(self, texts: list[str]):
+    grams = [ngrams(t) for t in texts]
+    owners = np.concatenate([np.full(len(g), i, np.int64) for i, g in enumerate(grams)] or
+                            [np.zeros(0, np.int64)])
+    flat = np.concatenate(grams or [np.zeros(0, np.uint64)])
+    order = np.argsort(flat, kind='stable')
+    self._grams, self._owners = flat[order], owners[order]
+    self.hit = np.zeros(len(texts), bool)
+
+  def mark(self, text: str) -> bool:
+    """Marks the examples sharing an n-gram with `text`; whether there was any."""
+    if not len(self._grams):
+      return False
+    g = ngrams(text)
+    lo = np.searchsorted(self._grams, g, 'left')
+    hi = np.searchsorted(self._grams, g, 'right')
+    found = hi > lo
+    for a, b in zip(lo[found], hi[found], strict=True):
+      self.hit[self._owners[a:b]] = True
+    return bool(found.any())
 
 
 def _key(text: str) -> bytes:

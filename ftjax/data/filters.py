@@ -46,22 +46,22 @@ def _parts(item: dict[str, Any], fmt: str) -> tuple[str, str] | None:
     return None
 
 
-def _held_out_ngrams(paths: tuple[str, ...], options: Any) -> np.ndarray:
-  grams = []
+def _held_out(paths: tuple[str, ...], options: Any) -> dedup.HeldOut:
+  texts = []
   for path in paths:
     records = open_records(path, tfds_data_dir=options.tfds_data_dir)
     for i in range(len(records)):
       parts = _parts(records[i], 'auto')
       if parts is not None:
-        grams.append(dedup.ngrams(f'{parts[0]} {parts[1]}'))
-  return np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+        texts.append(f'{parts[0]} {parts[1]}')
+  return dedup.HeldOut(texts)
 
 
 def keep(sources: list[Any], options: Any) -> Kept | None:
   """The records `options` (`data.Options`) keep of `sources`; None when no filter is on."""
   if not active(options):
     return None
-  held = _held_out_ngrams(tuple(options.decontaminate), options)
+  held = _held_out(tuple(options.decontaminate), options)
   deduper = dedup.Deduper()
   ids: list[tuple[int, int]] = []  # (source, record) of each record the deduper saw
   drop: dict[tuple[int, int], str] = {}
@@ -79,7 +79,7 @@ def keep(sources: list[Any], options: Any) -> Kept | None:
         drop[(s, r)] = 'duplicate'
       elif kind == 'near_duplicate' and options.dedup == 'near':
         drop[(s, r)] = 'near_duplicate'
-      elif len(held) and np.isin(dedup.ngrams(f'{parts[0]} {parts[1]}'), held).any():
+      elif held.mark(f'{parts[0]} {parts[1]}'):
         drop[(s, r)] = 'contaminated'
   if options.drop_contradictions:  # which answer is right is unknown: every one goes
     for first, differing in deduper.contradictions():

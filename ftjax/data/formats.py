@@ -225,8 +225,11 @@ class Encoder:
     ids, offsets = tok.encode_with_offsets(full)
     if self.train_on == 'all':
       return ids, [1] * len(ids)
-    weights = [int(any(a <= s < b for a, b in spans)) for s, _ in offsets]
-    return ids, weights
+    starts = np.fromiter((s for s, _ in offsets), np.int64, len(offsets))
+    inside = np.zeros(len(offsets), bool)
+    for a, b in spans:
+      inside |= (starts >= a) & (starts < b)
+    return ids, inside.astype(int).tolist()
 
 
 @dataclasses.dataclass(frozen=True)

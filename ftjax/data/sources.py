@@ -4,11 +4,18 @@ Every source becomes a `grain.MapDataset` of `{'where': ..., 'raw': ...}` items,
 names the file and line (or index) for error reports and `raw` is the undecoded bytes of a JSON
 line or record (decoded and parsed later, by `parse`, so a line that is not UTF-8 or not JSON
 is one bad record, skipped under `data.on_bad_record='skip'`) or an already-parsed value.
+Local JSONL files are indexed and read line by line (never held whole); a file that breaks
+(a truncated .gz, a JSON array cut short) ends with one `Broken` item, a bad record like any
+other, after the records before the break.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gzip
+import hashlib
+import io
 import json
 import os
 import zlib
@@ -33,12 +40,25 @@ class BadRecord(Exception):
     self.reason = reason
 
 
+@dataclasses.dataclass(frozen=True)
+class Broken:
+  """Where a file stops being readable (a truncated .gz, a JSON array cut short): the item
+  after its last good record, a bad record like any other (`parse` raises BadRecord), so
+  `data.on_bad_record=skip` keeps the records before it and `error` names the place."""
+
+  reason: str
+  detail: str
+
+
 def parse(raw: Any) -> Any:
   """A source item's `raw` as a JSON value: bytes are decoded as UTF-8 and text parsed as JSON.
 
   Raises:
-    BadRecord: 'bad_utf8' or 'bad_json', with what is wrong (the caller adds file and line).
+    BadRecord: 'bad_utf8', 'bad_json', or a `Broken` item's reason ('truncated'), with what is
+      wrong (the caller adds file and line).
   """
+  if isinstance(raw, Broken):
+    raise BadRecord(raw.reason, raw.detail)
   if isinstance(raw, bytes):
     try:
       raw = raw.decode('utf-8')
@@ -72,49 +92,210 @@ def _exists(path: str) -> None:
     raise DataError(f'data file not found: {path!r}')
 
 
+def _local(path: str) -> bool:
+  return '://' not in path
+
+
 def _read_bytes(path: str) -> bytes:
-  """The file's bytes, decompressed if .gz."""
+  """The file's bytes (a whole .gz is decompressed by `_gunzipped` instead)."""
   _exists(path)
-  data = epath.Path(path).read_bytes()
-  if path.endswith('.gz'):
-    try:
-      data = gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as e:  # truncated: EOFError; corrupt: BadGzipFile
-      raise DataError(f'{path}: truncated or corrupt gzip file ({type(e).__name__}: {e})') from None
-  return data
+  return epath.Path(path).read_bytes()
+
+
+_CHUNK = 8 << 20  # bytes read at a time while indexing or decompressing
+_WHITESPACE = np.array([9, 10, 13, 32], np.uint8)
+
+
+def _line_index(f: Any, start_line: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(offset, length, line number) of every line with a non-blank byte, read from the binary
+  file `f` in chunks: the file is never held whole."""
+  offsets, lengths, numbers = [], [], []
+  base, line, carry = 0, start_line, b''
+  while True:
+    chunk = f.read(_CHUNK)
+    buf = carry + chunk
+    if not buf:
+      break
+    arr = np.frombuffer(buf, np.uint8)
+    ends = np.flatnonzero(arr == 10)
+    if not chunk:  # the last line has no newline
+      ends = np.append(ends, len(arr))
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    solid = np.concatenate([[0], np.cumsum(~np.isin(arr, _WHITESPACE), dtype=np.int32)])
+    keep = solid[ends] - solid[starts] > 0
+    offsets.append(base + starts[keep])
+    lengths.append((ends - starts)[keep])
+    numbers.append(line + np.flatnonzero(keep))
+    line += len(ends)
+    done = ends[-1] + 1 if len(ends) else 0
+    base, carry = base + done, buf[done:]
+    if not chunk:
+      break
+  cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+  return cat(offsets, np.int64), cat(lengths, np.int64), cat(numbers, np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_index(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, ...]:
+  """`_line_index` of a local file, once per process and file version (preflight, the filters
+  and the pipeline open the same sources)."""
+  del size, mtime_ns  # part of the cache key only
+  with open(path, 'rb') as f:
+    return _line_index(f)
+
+
+def _cache_dir() -> str:
+  return os.environ.get('FTJAX_CACHE_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'ftjax')
+
+
+def _gunzipped(path: str) -> tuple[str, Broken | None, int]:
+  """A .jsonl.gz decompressed once, in chunks, into the cache (keyed by path, size and mtime):
+  (the plain file, where the stream broke or None, the line after the last complete one)."""
+  st = os.stat(path)
+  key = hashlib.sha256(f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}'.encode())
+  out = os.path.join(_cache_dir(), 'gunzip', key.hexdigest()[:24] + '.jsonl')
+  broken_file = out + '.broken.json'
+  if os.path.exists(out):
+    broken = None
+    if os.path.exists(broken_file):
+      with open(broken_file) as f:
+        broken = Broken(**json.load(f))
+    with open(out, 'rb') as f:
+      return out, broken, sum(chunk.count(b'\n') for chunk in iter(lambda: f.read(_CHUNK), b'')) + 1
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f'{out}.{os.getpid()}.tmp'
+  broken, lines, written, pending = None, 1, 0, b''
+  # zlib rather than gzip.open: it hands over everything before a break, where gzip's read()
+  # raises and drops the whole chunk.
+  inflate, problem = zlib.decompressobj(16 + zlib.MAX_WBITS), None
+  with open(path, 'rb') as src, open(tmp, 'wb') as dst:
+    for compressed in iter(lambda: src.read(_CHUNK), b''):
+      try:
+        text = inflate.decompress(compressed)
+        while inflate.eof and inflate.unused_data:  # a multi-member file: the next member
+          rest, inflate = inflate.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+          text += inflate.decompress(rest)
+      except zlib.error as e:
+        problem = f'zlib.error: {e}'
+        break
+      pending += text
+      cut = pending.rfind(b'\n') + 1
+      dst.write(pending[:cut])
+      lines += pending[:cut].count(b'\n')
+      written += cut
+      pending = pending[cut:]
+    if problem is None and not inflate.eof:
+      problem = 'the compressed stream ends before its end-of-stream marker'
+    if problem is None:
+      dst.write(pending)  # the last line, without its newline
+    elif not written and not pending:  # nothing readable at all
+      os.remove(tmp)
+      raise DataError(f'{path}: truncated or corrupt gzip file ({problem})')
+    else:
+      broken = Broken('truncated', f'truncated gzip stream: it breaks after {written} bytes of '
+                      f'text ({problem}); the lines before it are read')
+  if broken is not None:  # the cut-off line is the broken record
+    with open(broken_file, 'w') as f:
+      json.dump(dataclasses.asdict(broken), f)
+  os.replace(tmp, out)
+  return out, broken, lines
 
 
 class _Lines(grain.sources.RandomAccessDataSource):
-  """The non-blank lines of a JSONL file (decompressed if .gz), each with its line number.
-
-  Lines stay bytes until parsed, so one line that is not UTF-8 is one bad record, not a failure
-  to open the whole file.
-  """
+  """The non-blank lines of a JSONL file, each with its line number. A local file is indexed
+  (offset and length of every line) in one chunked pass and read line by line, so it is never
+  held in memory; a .gz is first decompressed once into the cache; a remote one (gs://) is read
+  whole. Lines stay bytes until parsed, so one line that is not UTF-8 is one bad record."""
 
   def __init__(self, path: str, data: bytes | None = None):
-    data = _read_bytes(path) if data is None else data
-    self._path = path
-    self._lines = [(i, line) for i, line in enumerate(data.split(b'\n'), 1) if line.strip()]
+    self._path, self._file, self._fd, self._broken, self._data = path, None, None, None, data
+    self._broken_line = 0
+    if data is None and _local(path) and not path.endswith('.gz'):
+      _exists(path)
+      self._file = path
+    elif data is None and _local(path):
+      _exists(path)
+      self._file, self._broken, self._broken_line = _gunzipped(path)
+    elif data is None:
+      self._data = _read_bytes(path)
+      if path.endswith('.gz'):
+        try:
+          self._data = gzip.decompress(self._data)
+        except (EOFError, OSError, zlib.error) as e:
+          raise DataError(f'{path}: truncated or corrupt gzip file ({type(e).__name__}: '
+                          f'{e})') from None
+    if self._file is not None:
+      st = os.stat(self._file)
+      self._offsets, self._lengths, self._numbers = _file_index(self._file, st.st_size,
+                                                                st.st_mtime_ns)
+    else:
+      self._offsets, self._lengths, self._numbers = _line_index(io.BytesIO(self._data))
 
   def __len__(self) -> int:
-    return len(self._lines)
+    return len(self._offsets) + (self._broken is not None)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, '_fd': None}  # each process opens its own
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    lineno, line = self._lines[index]
-    return {'where': f'{self._path}:{lineno}', 'raw': line}
+    if index == len(self._offsets) and self._broken is not None:
+      return {'where': f'{self._path}:{self._broken_line}', 'raw': self._broken}
+    offset, length = int(self._offsets[index]), int(self._lengths[index])
+    where = f'{self._path}:{self._numbers[index]}'
+    if self._file is None:
+      return {'where': where, 'raw': self._data[offset:offset + length]}
+    if self._fd is None:
+      self._fd = os.open(self._file, os.O_RDONLY)
+    return {'where': where, 'raw': os.pread(self._fd, length, offset)}
 
 
 class _Records(grain.sources.RandomAccessDataSource):
-  """Already-parsed records (JSON array, Parquet) with their index."""
+  """Already-parsed records (JSON array, Parquet) with their index, and where the file broke."""
 
-  def __init__(self, path: str, records: list[Any]):
-    self._path, self._records = path, records
+  def __init__(self, path: str, records: list[Any], broken: tuple[int, Broken] | None = None):
+    self._path, self._records, self._broken = path, records, broken
 
   def __len__(self) -> int:
-    return len(self._records)
+    return len(self._records) + (self._broken is not None)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    if index == len(self._records):
+      line, broken = self._broken
+      return {'where': f'{self._path}:{line}', 'raw': broken}
     return {'where': f'{self._path}[{index}]', 'raw': self._records[index]}
+
+
+def _json_array(text: str) -> tuple[list[Any], tuple[int, Broken] | None]:
+  """The elements of a JSON array, one at a time: where it breaks (cut short, or an element that
+  is not JSON) the elements before are kept and the break becomes a bad record."""
+  decoder = json.JSONDecoder()
+  records, at = [], text.index('[') + 1
+  while True:
+    at = _skip_space(text, at)
+    if at < len(text) and text[at] == ']':
+      return records, None
+    try:
+      value, at = decoder.raw_decode(text, at)
+    except json.JSONDecodeError as e:
+      cut_short = not text.rstrip().endswith(']')
+      return records, (e.lineno, Broken('truncated' if cut_short else 'bad_json',
+                                        f'the JSON array breaks here ({e.msg}); the '
+                                        f'{len(records)} elements before it are read'))
+    records.append(value)
+    at = _skip_space(text, at)
+    if at < len(text) and text[at] == ',':
+      at += 1
+    elif not (at < len(text) and text[at] == ']'):
+      line = text.count('\n', 0, at) + 1
+      return records, (line, Broken('truncated', 'the JSON array ends without its closing "]"; '
+                                    f'the {len(records)} elements before it are read'))
+
+
+def _skip_space(text: str, at: int) -> int:
+  while at < len(text) and text[at] in ' \t\r\n':
+    at += 1
+  return at
 
 
 class _Wrapped(grain.sources.RandomAccessDataSource):
@@ -164,11 +345,7 @@ def open_records(path: str, *, split: str = '',
     except UnicodeDecodeError as e:
       line = data.count(b'\n', 0, e.start) + 1
       raise DataError(f'{path}:{line}: not valid UTF-8 ({e.reason})') from None
-    try:
-      records = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
-    return _Records(path, records)
+    return _Records(path, *_json_array(text))
   if kind == 'parquet':
     _exists(path)
     import pyarrow.parquet as pq
