@@ -109,22 +109,56 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.mean(a == b))
 
 
+_BAND_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                      0x27D4EB2F165667C5], np.uint64)
+
+
+class _Rows:
+  """A growing 2-D array (one signature per row), without a Python object per row."""
+
+  def __init__(self, width: int):
+    self._data, self.count = np.zeros((1024, width), np.uint32), 0
+
+  def append(self, row: np.ndarray) -> int:
+    if self.count == len(self._data):
+      self._data = np.concatenate([self._data, np.zeros_like(self._data)])
+    self._data[self.count] = row
+    self.count += 1
+    return self.count - 1
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self._data[index]
+
+
 class NearIndex:
-  """Signatures added one by one; `add` returns the first earlier near duplicate, if any."""
+  """Signatures added one by one; `add` returns the first earlier near duplicate, if any.
+
+  Each band's key is one 64-bit int and a bucket holds one int until it holds two records, so
+  a million records cost tens of MB, not the GB that dicts of byte-string keys and lists take.
+  """
 
   def __init__(self):
-    self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(BANDS)]
-    self.signatures: list[np.ndarray] = []
+    self._buckets: list[dict[int, Any]] = [{} for _ in range(BANDS)]
+    self.signatures = _Rows(NUM_PERM)
 
   def add(self, sig: np.ndarray) -> int | None:
-    index = len(self.signatures)
-    keys = [sig[b * ROWS:(b + 1) * ROWS].tobytes() for b in range(BANDS)]
-    candidates = sorted({j for band, key in zip(self._buckets, keys, strict=True)
-                         for j in band.get(key, ())})
-    match = next((j for j in candidates if similarity(sig, self.signatures[j]) >= THRESHOLD), None)
-    self.signatures.append(sig)
+    keys = (sig.reshape(BANDS, ROWS).astype(np.uint64) * _BAND_MIX).sum(axis=1).tolist()
+    candidates: set[int] = set()
     for band, key in zip(self._buckets, keys, strict=True):
-      band.setdefault(key, []).append(index)
+      held = band.get(key)
+      if held is not None:
+        candidates.update(held if isinstance(held, list) else (held,))
+    match = next((j for j in sorted(candidates)
+                  if similarity(sig, self.signatures[j]) >= THRESHOLD), None)
+    index = self.signatures.append(sig)
+    for band, key in zip(self._buckets, keys, strict=True):
+      held = band.get(key)
+      if held is None:
+        band[key] = index
+      elif isinstance(held, list):
+        held.append(index)
+      else:
+        band[key] = [held, index]
     return match
 
 
@@ -167,8 +201,8 @@ class HeldOut:
     return bool(found.any())
 
 
-def _key(text: str) -> bytes:
-  return hashlib.blake2b(text.encode('utf-8'), digest_size=16).digest()
+def _key(text: str) -> int:
+  return int.from_bytes(hashlib.blake2b(text.encode('utf-8'), digest_size=8).digest(), 'little')
 
 
 class Deduper:
@@ -177,10 +211,12 @@ class Deduper:
   answers that are not near duplicates of each other. Exact duplicates join no group."""
 
   def __init__(self):
-    self._exact: dict[bytes, int] = {}
+    self._exact: dict[int, int] = {}
     self._near = NearIndex()
     self._near_ids: list[int] = []
-    self._prompts: dict[bytes, list[tuple[bytes, np.ndarray, int]]] = {}
+    # normalised prompt -> (answer key, row of its signature in _answers, record), or a list
+    self._prompts: dict[int, Any] = {}
+    self._answers = _Rows(NUM_PERM)
     self.count = 0
 
   def add(self, prompt: str, answer: str) -> tuple[str | None, int | None]:
@@ -197,7 +233,14 @@ class Deduper:
     p = normalize(prompt)
     if p:
       a = normalize(answer)
-      self._prompts.setdefault(_key(p), []).append((_key(a), signature(a), index))
+      entry = (_key(a), self._answers.append(signature(a)), index)
+      held = self._prompts.get(_key(p))
+      if held is None:
+        self._prompts[_key(p)] = entry
+      elif isinstance(held, list):
+        held.append(entry)
+      else:
+        self._prompts[_key(p)] = [held, entry]
     if match is not None:
       return 'near_duplicate', self._near_ids[match]
     return None, None
@@ -206,9 +249,11 @@ class Deduper:
     """(first record of a prompt, the later ones whose answers differ from its answer)."""
     out = []
     for entries in self._prompts.values():
+      if not isinstance(entries, list):
+        continue
       first = entries[0]
-      differing = [e[2] for e in entries[1:]
-                   if e[0] != first[0] and similarity(e[1], first[1]) < THRESHOLD]
+      differing = [e[2] for e in entries[1:] if e[0] != first[0] and similarity(
+          self._answers[e[1]], self._answers[first[1]]) < THRESHOLD]
       if differing:
         out.append((first[2], differing))
     return out
