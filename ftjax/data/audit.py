@@ -134,14 +134,17 @@ class _Scan:
     self.sources.append(rep)
 
   def _dedup(self, prompt: str, answer: str, where: str) -> None:
-    kind, of = self.dedup.add(prompt, answer)
+    of = self.dedup.add(prompt, answer)
     self.where.append(where)
-    if kind is None or kind == 'near_duplicate':
+    if of is None:
       self.held_out.mark(f'{prompt} {answer}')
-    if kind == 'duplicate':
+    else:
       self.duplicates.add(where=where, duplicate_of=self.where[of])
-    elif kind == 'near_duplicate':
-      self.near_duplicates.add(where=where, near_duplicate_of=self.where[of])
+
+  def finish(self) -> None:
+    """Near duplicates, found in batch once every record is in."""
+    for record, of in sorted(self.dedup.near().items()):
+      self.near_duplicates.add(where=self.where[record], near_duplicate_of=self.where[of])
 
   def contradictions(self) -> tuple[_Finding, int]:
     """Prompts with answers that differ (not near duplicates of each other), and how many
@@ -206,6 +209,7 @@ def audit(sources: list[Source], options: Options, *, held_out: list[str], pack:
   scan.held_out = dedup.HeldOut([t for _, _, t in examples])
   for source in sources:
     scan.source(source)
+  scan.finish()
   total = sum(s['records'] for s in scan.sources)
   usable = total - scan.bad.count
   contradictions, conflicting = scan.contradictions()

@@ -129,37 +129,31 @@ class _Rows:
   def __getitem__(self, index: int) -> np.ndarray:
     return self._data[index]
 
+  def all(self) -> np.ndarray:
+    return self._data[:self.count]
 
-class NearIndex:
-  """Signatures added one by one; `add` returns the first earlier near duplicate, if any.
 
-  Each band's key is one 64-bit int and a bucket holds one int until it holds two records, so
-  a million records cost tens of MB, not the GB that dicts of byte-string keys and lists take.
-  """
+def near_duplicates(signatures: np.ndarray) -> dict[int, int]:
+  """{row: the first earlier row it is a near duplicate of} over a 2-D array of signatures.
 
-  def __init__(self):
-    self._buckets: list[dict[int, Any]] = [{} for _ in range(BANDS)]
-    self.signatures = _Rows(NUM_PERM)
-
-  def add(self, sig: np.ndarray) -> int | None:
-    keys = (sig.reshape(BANDS, ROWS).astype(np.uint64) * _BAND_MIX).sum(axis=1).tolist()
-    candidates: set[int] = set()
-    for band, key in zip(self._buckets, keys, strict=True):
-      held = band.get(key)
-      if held is not None:
-        candidates.update(held if isinstance(held, list) else (held,))
-    match = next((j for j in sorted(candidates)
-                  if similarity(sig, self.signatures[j]) >= THRESHOLD), None)
-    index = self.signatures.append(sig)
-    for band, key in zip(self._buckets, keys, strict=True):
-      held = band.get(key)
-      if held is None:
-        band[key] = index
-      elif isinstance(held, list):
-        held.append(index)
-      else:
-        band[key] = [held, index]
-    return match
+  LSH in batch: per band, rows are sorted by the band's 64-bit key; a row is compared only with
+  the earlier rows of its bucket, and a match is kept at or above THRESHOLD. Memory is the
+  signatures plus one key per row and band being sorted (no per-row Python objects)."""
+  n = len(signatures)
+  best = np.full(n, n, np.int64)
+  for b in range(BANDS):
+    keys = (signatures[:, b * ROWS:(b + 1) * ROWS].astype(np.uint64) * _BAND_MIX).sum(axis=1)
+    order = np.argsort(keys, kind='stable')  # rows of one bucket, ascending
+    ranked = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], ranked[1:] != ranked[:-1]]))
+    ends = np.append(starts[1:], n)
+    for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+      group = order[lo:hi]
+      for k in range(1, len(group)):
+        same = (signatures[group[:k]] == signatures[group[k]]).mean(axis=1) >= THRESHOLD
+        if same.any():
+          best[group[k]] = min(best[group[k]], group[:k][np.argmax(same)])
+  return {int(row): int(of) for row, of in enumerate(best) if of < n}
 
 
 def ngrams(text: str, n: int = NGRAM) -> np.ndarray:
@@ -206,30 +200,31 @@ def _key(text: str) -> int:
 
 
 class Deduper:
-  """Records added in order (0, 1, ...): `add` says whether one repeats an earlier record,
-  exactly (normalised text) or nearly; `contradictions` groups the records whose prompt has
-  answers that are not near duplicates of each other. Exact duplicates join no group."""
+  """Records added in order (0, 1, ...): `add` says whether one repeats an earlier record
+  exactly (normalised text); `near`, once all are added, which nearly repeat one;
+  `contradictions` groups the records whose prompt has answers that are not near duplicates of
+  each other. Exact duplicates join no group."""
 
   def __init__(self):
     self._exact: dict[int, int] = {}
-    self._near = NearIndex()
-    self._near_ids: list[int] = []
+    self._signatures = _Rows(NUM_PERM)  # of every record that is not an exact duplicate
+    self._ids: list[int] = []  # the record number of each signature row
     # normalised prompt -> (answer key, row of its signature in _answers, record), or a list
     self._prompts: dict[int, Any] = {}
     self._answers = _Rows(NUM_PERM)
     self.count = 0
 
-  def add(self, prompt: str, answer: str) -> tuple[str | None, int | None]:
-    """('duplicate' | 'near_duplicate' | None, the earlier record's number)."""
+  def add(self, prompt: str, answer: str) -> int | None:
+    """The record number of the earlier record this one repeats exactly, or None."""
     index = self.count
     self.count += 1
     full = normalize(f'{prompt}\n{answer}')
     key = _key(full)
     if key in self._exact:
-      return 'duplicate', self._exact[key]
+      return self._exact[key]
     self._exact[key] = index
-    match = self._near.add(signature(full))
-    self._near_ids.append(index)
+    self._signatures.append(signature(full))
+    self._ids.append(index)
     p = normalize(prompt)
     if p:
       a = normalize(answer)
@@ -241,9 +236,12 @@ class Deduper:
         held.append(entry)
       else:
         self._prompts[_key(p)] = [held, entry]
-    if match is not None:
-      return 'near_duplicate', self._near_ids[match]
-    return None, None
+    return None
+
+  def near(self) -> dict[int, int]:
+    """{record: the first earlier record it nearly repeats} (exact duplicates excluded)."""
+    rows = near_duplicates(self._signatures.all())
+    return {self._ids[row]: self._ids[of] for row, of in rows.items()}
 
   def contradictions(self) -> list[tuple[int, list[int]]]:
     """(first record of a prompt, the later ones whose answers differ from its answer)."""

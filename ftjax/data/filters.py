@@ -73,14 +73,15 @@ def keep(sources: list[Any], options: Any) -> Kept | None:
       parts = _parts(records[r], source.format)
       if parts is None:
         continue
-      kind, _ = deduper.add(*parts)
+      repeats = deduper.add(*parts) is not None
       ids.append((s, r))
-      if kind == 'duplicate' and options.dedup != 'none':
+      if repeats and options.dedup != 'none':
         drop[(s, r)] = 'duplicate'
-      elif kind == 'near_duplicate' and options.dedup == 'near':
-        drop[(s, r)] = 'near_duplicate'
       elif held.mark(f'{parts[0]} {parts[1]}'):
         drop[(s, r)] = 'contaminated'
+  if options.dedup == 'near':
+    for k in deduper.near():
+      drop[ids[k]] = 'near_duplicate'
   if options.drop_contradictions:  # which answer is right is unknown: every one goes
     for first, differing in deduper.contradictions():
       for k in (first, *differing):

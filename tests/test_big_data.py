@@ -1,0 +1,68 @@
+"""A JSONL larger than 1 GB trains and audits with resident memory well under its size: lines
+are indexed (offset, length) and read one by one, never held whole. Measured (2 cores): a
+1.05 GiB file audits at 594 MiB peak RSS; training on it peaks at 811 MiB, against 774 MiB for
+the same run on 100 records (the index adds about 24 bytes per line)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import cli_env, ftjax_command
+
+from conftest import REPO
+
+
+def _peak_rss_of(args, tmp_path, name):
+  """Runs `ftjax ARGS` in a fresh child process and returns its peak resident set, in bytes
+  (ru_maxrss of the children, read in a grandchild so earlier children do not count)."""
+  script = ('import resource, subprocess, sys, json; '
+            'p = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True); '
+            'print(json.dumps([p.returncode, p.stdout[-3000:], p.stderr[-3000:], '
+            'resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))')
+  done = subprocess.run([sys.executable, '-c', script, json.dumps(ftjax_command(*args))],
+                        capture_output=True, text=True, env=cli_env(1, None), cwd=REPO,
+                        timeout=1800)
+  code, out, err, kib = json.loads(done.stdout.strip().splitlines()[-1])
+  assert code == 0, f'{name}: {err}'
+  (tmp_path / f'{name}.log').write_text(out + err)
+  return kib * 1024, out
+
+
+@pytest.mark.slow
+def test_a_1gb_jsonl_trains_and_audits_in_bounded_memory(tmp_path):
+  rng = np.random.default_rng(0)
+  words = np.array([''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), rng.integers(2, 9)))
+                    for _ in range(20_000)])
+  path = tmp_path / 'big.jsonl'
+  with open(path, 'w') as f:
+    while f.tell() < 1.05 * 2**30:
+      f.write(''.join(json.dumps({'text': ' '.join(rng.choice(words, 700))}) + '\n'
+                      for _ in range(1000)))
+  size = os.path.getsize(path)
+  assert size > 2**30
+  audit_rss, out = _peak_rss_of(['data', 'audit', '--config', f'{REPO}/configs/base.py',
+                                 f'--source={path}', f'--out={tmp_path / "audit"}',
+                                 '--config.data.seq_len=128'], tmp_path, 'audit')
+  report = json.loads((tmp_path / 'audit' / 'report.json').read_text())
+  assert report['records']['total'] > 200_000 and report['duplicates']['count'] == 0
+  def train(data_path, name):
+    return _peak_rss_of(
+        ['train', '--config', f'{REPO}/configs/base.py', f'--workdir={tmp_path / name}',
+         f'--config.data.path={data_path}', '--config.data.seq_len=128',
+         '--config.data.global_batch=4', '--config.model.preset=tiny', '--config.train.steps=3',
+         '--config.train.log_every=1', '--config.train.progress=False',
+         '--config.eval.every_steps=0', '--config.ckpt.every_steps=0'], tmp_path, name)
+
+  small = tmp_path / 'small.jsonl'
+  with open(path) as f:
+    small.write_text(''.join(next(f) for _ in range(100)))
+  train_rss, out = train(path, 'run')
+  assert 'done: 3 steps' in out
+  baseline_rss, _ = train(small, 'baseline')  # jax, XLA and the model, with 100 records
+  print(f'file {size / 2**30:.2f} GiB; peak RSS audit {audit_rss / 2**20:.0f} MiB, train '
+        f'{train_rss / 2**20:.0f} MiB (the same run on 100 records: {baseline_rss / 2**20:.0f})')
+  assert audit_rss < 0.6 * size, (audit_rss, size)
+  assert train_rss - baseline_rss < 0.1 * size, (train_rss, baseline_rss, size)
