@@ -25,6 +25,9 @@ SHINGLE = 5  # characters per shingle
 NUM_PERM = 64  # MinHash signature length
 BANDS, ROWS = 16, 4  # LSH: a pair shares a bucket with probability 1 - (1 - J^4)^16
 THRESHOLD = 0.8  # estimated Jaccard similarity at or above which two texts are near duplicates
+# A row is compared with at most this many earlier rows of its bucket, so templated data (one
+# bucket of 10^5 rows) stays linear; a match further back in a bucket that big is missed.
+BUCKET_WINDOW = 1000
 NGRAM = 13  # words per n-gram for contamination (the common decontamination practice)
 _PRIME = np.uint64((1 << 61) - 1)
 _perm = np.random.default_rng(20240601)
@@ -150,9 +153,10 @@ def near_duplicates(signatures: np.ndarray) -> dict[int, int]:
     for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
       group = order[lo:hi]
       for k in range(1, len(group)):
-        same = (signatures[group[:k]] == signatures[group[k]]).mean(axis=1) >= THRESHOLD
+        earlier = group[max(0, k - BUCKET_WINDOW):k]
+        same = (signatures[earlier] == signatures[group[k]]).mean(axis=1) >= THRESHOLD
         if same.any():
-          best[group[k]] = min(best[group[k]], group[:k][np.argmax(same)])
+          best[group[k]] = min(best[group[k]], earlier[np.argmax(same)])
   return {int(row): int(of) for row, of in enumerate(best) if of < n}
 
 
