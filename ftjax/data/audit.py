@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.data import dedup, formats
+from ftjax.data import dedup, filters, formats
 from ftjax.data.pipeline import Options, Source
 from ftjax.data.sources import BadRecord, open_records, parse
 
@@ -157,22 +157,6 @@ class _Scan:
     return found, records
 
 
-def _held_out(path: str, options: Options) -> list[tuple[str, str]]:
-  """(where, text) of each usable held-out example."""
-  out = []
-  records = open_records(path, tfds_data_dir=options.tfds_data_dir)
-  for i in range(len(records)):
-    item = records[i]
-    try:
-      record = parse(item['raw'])
-      if isinstance(record, dict):
-        prompt, answer = dedup.parts(record, formats.detect(record))
-        out.append((item['where'], f'{prompt} {answer}'))
-    except BadRecord:
-      continue
-  return out
-
-
 def _packing(lengths: list[int], seq_len: int, bins: int) -> float:
   """Tokens / row capacity of first-fit packing over `bins` open rows (as the pipeline packs)."""
   if not lengths:
@@ -205,7 +189,7 @@ def audit(sources: list[Source], options: Options, *, held_out: list[str], pack:
   """The report (a JSON-able dict) on `sources` as a run with `options` would read them, with
   `held_out` files checked for contamination."""
   scan = _Scan(options)
-  examples = [(p, w, t) for p in held_out for w, t in _held_out(p, options)]
+  examples = [(p, w, t) for p in held_out for w, t in filters.held_out_texts(p, options)]
   scan.held_out = dedup.HeldOut([t for _, _, t in examples])
   for source in sources:
     scan.source(source)

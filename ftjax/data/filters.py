@@ -46,22 +46,24 @@ def _parts(item: dict[str, Any], fmt: str) -> tuple[str, str] | None:
     return None
 
 
-def _held_out(paths: tuple[str, ...], options: Any) -> dedup.HeldOut:
-  texts = []
-  for path in paths:
-    records = open_records(path, tfds_data_dir=options.tfds_data_dir)
-    for i in range(len(records)):
-      parts = _parts(records[i], 'auto')
-      if parts is not None:
-        texts.append(f'{parts[0]} {parts[1]}')
-  return dedup.HeldOut(texts)
+def held_out_texts(path: str, options: Any) -> list[tuple[str, str]]:
+  """(where, prompt + answer) of each usable record of a held-out file (bad ones are skipped:
+  they cannot leak)."""
+  out = []
+  records = open_records(path, tfds_data_dir=options.tfds_data_dir)
+  for i in range(len(records)):
+    parts = _parts(records[i], 'auto')
+    if parts is not None:
+      out.append((records[i]['where'], f'{parts[0]} {parts[1]}'))
+  return out
 
 
 def keep(sources: list[Any], options: Any) -> Kept | None:
   """The records `options` (`data.Options`) keep of `sources`; None when no filter is on."""
   if not active(options):
     return None
-  held = _held_out(tuple(options.decontaminate), options)
+  held = dedup.HeldOut([text for path in options.decontaminate
+                        for _, text in held_out_texts(path, options)])
   deduper = dedup.Deduper()
   ids: list[tuple[int, int]] = []  # (source, record) of each record the deduper saw
   drop: dict[tuple[int, int], str] = {}

@@ -157,12 +157,11 @@ def _gunzipped(path: str) -> tuple[str, Broken | None, int]:
   out = os.path.join(_cache_dir(), 'gunzip', key.hexdigest()[:24] + '.jsonl')
   broken_file = out + '.broken.json'
   if os.path.exists(out):
-    broken = None
-    if os.path.exists(broken_file):
-      with open(broken_file) as f:
-        broken = Broken(**json.load(f))
-    with open(out, 'rb') as f:
-      return out, broken, sum(chunk.count(b'\n') for chunk in iter(lambda: f.read(_CHUNK), b'')) + 1
+    if not os.path.exists(broken_file):
+      return out, None, 0
+    with open(broken_file) as f:
+      saved = json.load(f)
+    return out, Broken(saved['reason'], saved['detail']), saved['line']
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = f'{out}.{os.getpid()}.tmp'
   broken, lines, written, pending = None, 1, 0, b''
@@ -197,7 +196,7 @@ def _gunzipped(path: str) -> tuple[str, Broken | None, int]:
                       f'text ({problem}); the lines before it are read')
   if broken is not None:  # the cut-off line is the broken record
     with open(broken_file, 'w') as f:
-      json.dump(dataclasses.asdict(broken), f)
+      json.dump({**dataclasses.asdict(broken), 'line': lines}, f)
   os.replace(tmp, out)
   return out, broken, lines
 
