@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import quantize
-from ftjax.models import layers
+from ftjax.models import layers, moe
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -179,11 +179,50 @@ class LoRAEinsum(nnx.Module):
         f'R{self.out_letters}->{self.y_letters}', xa, self.b.get_value().astype(dtype))
 
 
+class LoRAGrouped(nnx.Module):
+  """A mixture of experts' stacked projection `[E, in, out]` with one adapter per expert:
+  `base(x) + scale * (x a_e) b_e` for the rows of expert e, as two more grouped matmuls.
+  `a` is `[(L,) E, in, r]` and `b` `[(L,) E, r, out]`, on the base's 'expert' axis, so they
+  shard with it. Plain LoRA and rsLoRA; no DoRA or adapter dropout on experts."""
+
+  def __init__(self, base: moe.Grouped, *, rank: int, alpha: float, use_rslora: bool,
+               rngs: nnx.Rngs):
+    kernel = base.w
+    names = tuple(kernel.get_metadata().get('out_sharding') or (None,) * kernel.ndim)
+    lead, (n_in, n_out) = kernel.shape[:-2], kernel.shape[-2:]
+    dtype = kernel.get_value().dtype
+    self.base, self.rank, self.alpha, self.use_rslora = base, rank, alpha, use_rslora
+    self.scale = alpha / (rank**0.5 if use_rslora else rank)
+    bound = 1.0 / n_in**0.5  # as LoRAEinsum (PEFT's Kaiming-uniform a, zero b)
+    self.a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (*lead, n_in, rank), dtype, -bound,
+                                              bound),
+                           out_sharding=(*names[:-1], 'lora'), eager_sharding=False)
+    self.b = nnx.LoRAParam(jnp.zeros((*lead, rank, n_out), dtype),
+                           out_sharding=(*names[:-2], 'lora', names[-1]), eager_sharding=False)
+
+  def delta(self) -> jax.Array:
+    """scale * a_e b_e for every expert, in the base weight's layout."""
+    return self.scale * jnp.einsum('...ir,...ro->...io', self.a.get_value().astype(jnp.float32),
+                                   self.b.get_value().astype(jnp.float32))
+
+  def merged_weight(self) -> jax.Array:
+    return self.base.w.get_value().astype(jnp.float32) + self.delta()
+
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    y = self.base(x, group_sizes)
+    if _ADAPTERS_OFF[-1]:
+      return y
+    dtype = self.base.dtype
+    xa = jax.lax.ragged_dot(x.astype(dtype), self.a.get_value().astype(dtype), group_sizes)
+    return y + self.scale * jax.lax.ragged_dot(xa, self.b.get_value().astype(dtype), group_sizes)
+
+
 def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
-  """'blocks.attn.q' -> (parent module, attribute, Einsum) for every Einsum in the model."""
+  """'blocks.attn.q' -> (parent module, attribute, module) for every Einsum (and every
+  mixture of experts' grouped projection) in the model."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, (layers.Einsum, quantize.QuantizedEinsum)) and path:
+    if isinstance(node, (layers.Einsum, quantize.QuantizedEinsum, moe.Grouped)) and path:
       parent = model
       for key in path[:-1]:
         parent = getattr(parent, key) if not isinstance(key, int) else parent[key]
@@ -204,6 +243,14 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslor
   rngs = nnx.Rngs(seed)
   for path in chosen:
     parent, attr, base = modules[path]
+    if isinstance(base, moe.Grouped):
+      if use_dora or dropout:
+        raise ValueError(f'lora: {path} is a mixture of experts\' projection; DoRA and adapter '
+                         'dropout are not built for experts (set lora.use_dora=False, '
+                         'lora.dropout=0, or leave gate/up/down out of lora.targets)')
+      setattr(parent, attr, LoRAGrouped(base, rank=rank, alpha=alpha, use_rslora=use_rslora,
+                                        rngs=rngs))
+      continue
     setattr(parent, attr, LoRAEinsum(base, rank=rank, alpha=alpha, use_rslora=use_rslora,
                                      use_dora=use_dora, rngs=rngs, dropout=dropout))
   return chosen
@@ -212,7 +259,7 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslor
 def merge(model: nnx.Module) -> None:
   """Folds every adapter into its base weight in place (the model becomes a plain model)."""
   for path, node in list(nnx.iter_graph(model)):
-    if isinstance(node, LoRAEinsum):
+    if isinstance(node, (LoRAEinsum, LoRAGrouped)):
       parent = model
       for key in path[:-1]:
         parent = getattr(parent, key)
@@ -225,7 +272,7 @@ def adapters(model: nnx.Module) -> dict[str, LoRAEinsum]:
   """'attn.q' -> its LoRAEinsum (stacked over layers), for every adapted module."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, LoRAEinsum):
+    if isinstance(node, (LoRAEinsum, LoRAGrouped)):
       out['.'.join(str(p) for p in path[1:] if p != 'blocks') if path[0] == 'blocks'
           else '.'.join(map(str, path))] = node
   return out

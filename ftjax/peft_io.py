@@ -35,6 +35,12 @@ def save(model: nnx.Module, out_dir: str, *, base_model: str = '') -> None:
   from safetensors.numpy import save_file
 
   found, hf_modules = lora.adapters(model), _hf_modules(model)
+  experts = sorted(n for n, node in found.items() if isinstance(node, lora.LoRAGrouped))
+  if experts:
+    raise PeftError(f'adapters on mixture-of-experts projections ({", ".join(experts)}) have no '
+                    'PEFT format ftjax writes (transformers stores the experts as one fused '
+                    'parameter, not as Linear modules); export the merged model with --format hf, '
+                    'or adapt attention only (lora.targets=q,k,v,o)')
   first = next(iter(found.values()))
   rank, use_dora = first.rank, first.use_dora
   tensors = {}

@@ -111,7 +111,7 @@ def defaults() -> ml_collections.ConfigDict:
       grad_accum=1,  # microbatches per optimizer step
   )
   c.mesh = dict(
-      shape=(1, -1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
+      shape=(1, -1, 1),  # (data, fsdp, tensor) or (data, fsdp, expert, tensor); one -1 fills
       rules='fsdp_tp',  # a rule set in ftjax.sharding.RULES
       num_slices=1,  # multi-slice TPU: the data axis spans slices (DCN), the rest stays in ICI
   )

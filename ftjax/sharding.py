@@ -21,20 +21,25 @@ from jax.sharding import PartitionSpec as P
 
 from ftjax.errors import UserError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 LOGICAL_NAMES = frozenset(
-    {'batch', 'seq', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'vocab', 'layers', 'lora'}
+    {'batch', 'seq', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'vocab', 'layers', 'lora',
+     'expert'}
 )
 
 # logical name -> mesh axis (or tuple of axes); absent or None = replicated.
+# The `expert` mesh axis (size 1 unless mesh.shape has four entries) splits the experts of a
+# mixture-of-experts layer between devices; everywhere else it is one more data-parallel axis.
+# Without it, expert weights are split over `fsdp` along their embed dim like any weight.
 RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
     # Fully sharded data parallel: weights split over `fsdp` along their embed dim.
-    'fsdp': dict(batch=('data', 'fsdp'), embed='fsdp'),
+    'fsdp': dict(batch=('data', 'fsdp', 'expert'), embed='fsdp', expert='expert'),
     # FSDP plus Megatron-style tensor parallelism over `tensor`.
     'fsdp_tp': dict(
-        batch=('data', 'fsdp'),
+        batch=('data', 'fsdp', 'expert'),
         embed='fsdp',
+        expert='expert',
         mlp='tensor',
         heads='tensor',
         kv_heads='tensor',
@@ -52,12 +57,15 @@ class MeshError(UserError):
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills a single -1 in `shape` so that the product equals `num_devices`."""
+  """The four axis sizes of `shape`, `(data, fsdp, tensor)` (no expert axis) or `(data, fsdp,
+  expert, tensor)`, with a single -1 filled so that the product equals `num_devices`."""
   shape = tuple(int(s) for s in shape)
+  if len(shape) == 3:
+    shape = (shape[0], shape[1], 1, shape[2])
   if len(shape) != len(MESH_AXES):
     raise MeshError(
-        f'mesh.shape={shape} must have {len(MESH_AXES)} entries, one per mesh axis {MESH_AXES}.'
-    )
+        f'mesh.shape={shape} must have 3 entries (data, fsdp, tensor) or 4 (data, fsdp, expert, '
+        'tensor).')
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise MeshError(f'mesh.shape={shape}: use positive sizes and at most one -1 (fills the rest).')
   known = math.prod(s for s in shape if s != -1)
@@ -98,7 +106,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
   from jax.experimental import mesh_utils
 
   ici = (resolved[0] // num_slices, *resolved[1:])
-  grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1, 1), devices)
   return Mesh(grid, MESH_AXES, axis_types=types)
 
 

@@ -45,9 +45,14 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 
 
 def matmul_params(arch: Any) -> int:
-  """Weights that take part in matmuls: attention, MLP and LM head (tied or not)."""
+  """Weights each token's matmuls use: attention, MLP and LM head (tied or not). In a mixture of
+  experts that is the router and the `num_experts_per_tok` experts a token is routed to (the
+  active parameters), not every expert."""
   d, n, k, h, f = arch.embed_dim, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
-  per_layer = 2 * d * n * h + 2 * d * k * h + 3 * d * f
+  mlp = 3 * d * f
+  if getattr(arch, 'num_experts', 0):
+    mlp = arch.num_experts_per_tok * 3 * d * arch.moe_mlp_dim + d * arch.num_experts
+  per_layer = 2 * d * n * h + 2 * d * k * h + mlp
   return arch.num_layers * per_layer + arch.vocab_size * d
 
 

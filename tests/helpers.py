@@ -89,7 +89,15 @@ CASES = {
     'gemma3': ('gemma3_text', dict(sliding_window=8, query_pre_attn_scalar=24,
                                    layer_types=['sliding_attention', 'full_attention'],
                                    rope_parameters=GEMMA3_ROPE)),
+    # Mixtures of experts: 4 experts, top-2, perturbed routers (see make_hf).
+    'qwen3_moe': ('qwen3_moe', dict(num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=48, norm_topk_prob=False,
+                                    decoder_sparse_step=1, mlp_only_layers=[])),
+    'qwen3_moe_norm': ('qwen3_moe', dict(num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, norm_topk_prob=True)),
+    'mixtral': ('mixtral', dict(num_local_experts=4, num_experts_per_tok=2)),
 }
+ROUTERS = ('mlp.gate.weight', 'block_sparse_moe.gate.weight')
 
 
 def make_hf(case: str, folder: str, max_shard_size: str = '5GB', **overrides):
@@ -106,6 +114,8 @@ def make_hf(case: str, folder: str, max_shard_size: str = '5GB', **overrides):
     for name, p in model.named_parameters():
       if 'norm' in name or 'bias' in name:
         p.add_(0.2 * torch.randn_like(p))
+      if name.endswith(ROUTERS):  # routers start near zero: spread them so routing is decisive
+        p.copy_(0.5 * torch.randn_like(p))
   model.save_pretrained(folder, max_shard_size=max_shard_size)
   return model
 

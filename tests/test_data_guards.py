@@ -190,3 +190,39 @@ def test_preflight_raises_when_every_sampled_record_is_skipped(tmp_path):
     data.preflight([data.Source(path)], opts())
   # Long enough for a target, it passes.
   assert data.preflight([data.Source(path)], opts(seq_len=64)).sources[0].usable == 512
+
+
+def test_parquet_is_read_row_by_row_from_a_cached_jsonl_copy(tmp_path, monkeypatch):
+  """A Parquet file with several row groups is converted once, batch by batch, into a JSONL copy
+  in the cache and read through its line index: the same rows as pyarrow's whole-table read,
+  named path[row], values JSON has no type for (bytes, dates) as text, and a second open reuses
+  the copy; a file that is not Parquet names the file."""
+  import datetime
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  cache = tmp_path / 'cache'
+  monkeypatch.setenv('FTJAX_CACHE_DIR', str(cache))
+  rows = [{'prompt': f'q{i} ✓', 'completion': f'a{i}', 'blob': b'raw %d' % i,
+           'day': datetime.date(2026, 1, 1 + i % 28)} for i in range(10_000)]
+  path = tmp_path / 'r.parquet'
+  pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3000)
+  assert pq.ParquetFile(path).num_row_groups == 4
+  records = data.sources.open_records(str(path))
+  assert len(records) == 10_000
+  for i in (0, 2999, 3000, 9999, 4321):
+    item = records[i]
+    assert item['where'] == f'{path}[{i}]'
+    assert data.sources.parse(item['raw']) == {
+        'prompt': f'q{i} ✓', 'completion': f'a{i}', 'blob': f'raw {i}',
+        'day': str(rows[i]['day'])}
+  copies = list((cache / 'parquet').iterdir())
+  assert len(copies) == 1
+  stamp = copies[0].stat().st_mtime_ns
+  assert len(data.sources.open_records(str(path))) == 10_000
+  assert copies[0].stat().st_mtime_ns == stamp  # not converted again
+  bad = tmp_path / 'bad.parquet'
+  bad.write_text('{"prompt": "this is JSON, not Parquet"}\n')
+  with pytest.raises(data.DataError, match=rf'^{bad}: not a readable Parquet file'):
+    data.sources.open_records(str(bad))

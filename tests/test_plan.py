@@ -48,7 +48,7 @@ def test_plan_compiles_for_a_tpu_slice():
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
   small = _plan()
   assert small['device_kind'] == 'TPU v5 lite' and small['num_devices'] == 4
-  assert small['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert small['mesh'] == {'data': 1, 'fsdp': 4, 'expert': 1, 'tensor': 1}
   b = small['per_device_bytes']
   assert set(b) >= {'arguments', 'temporaries', 'outputs', 'total'}
   # Weights + Adam moments, split 4 ways (float32): at least 3 * 4 bytes * params / 4.

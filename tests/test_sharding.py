@@ -58,10 +58,14 @@ def test_sharded_step_equals_single_device(shape, addition_data):
   local = _batch(addition_data)
   ref = _grads_and_step(_setup((1, 1, 1), jax.devices()[:1]), local)
   trainer = _setup(shape, jax.devices())
-  got = _grads_and_step(trainer, local)
+  assert_same_step(_grads_and_step(trainer, local), ref)
+
+
+def assert_same_step(got, ref):
+  """Two `_grads_and_step` results agree: loss sum, every gradient, the step's own metrics, and
+  the loss after one AdamW update (which must have lowered it)."""
   assert got[1] == pytest.approx(ref[1], rel=1e-6)
   jax.tree.map(_assert_close, got[0], ref[0])
-  # The step's own metrics, and the loss after one AdamW update, agree too.
   for key in ('loss', 'grad_norm'):
     assert got[2][key] == pytest.approx(ref[2][key], rel=1e-5)
   assert got[3]['loss'] == pytest.approx(ref[3]['loss'], rel=1e-5)

@@ -4,7 +4,8 @@ Every source becomes a `grain.MapDataset` of `{'where': ..., 'raw': ...}` items,
 names the file and line (or index) for error reports and `raw` is the undecoded bytes of a JSON
 line or record (decoded and parsed later, by `parse`, so a line that is not UTF-8 or not JSON
 is one bad record, skipped under `data.on_bad_record='skip'`) or an already-parsed value.
-Local JSONL files are indexed and read line by line (never held whole); a file that breaks
+Local JSONL and Parquet files are indexed and read line by line (never held whole; a .gz is
+decompressed and a Parquet file converted to JSONL once, into the cache); a file that breaks
 (a truncated .gz, a JSON array cut short) ends with one `Broken` item, a bad record like any
 other, after the records before the break.
 """
@@ -152,9 +153,7 @@ def _cache_dir() -> str:
 def _gunzipped(path: str) -> tuple[str, Broken | None, int]:
   """A .jsonl.gz decompressed once, in chunks, into the cache (keyed by path, size and mtime):
   (the plain file, where the stream broke or None, the line after the last complete one)."""
-  st = os.stat(path)
-  key = hashlib.sha256(f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}'.encode())
-  out = os.path.join(_cache_dir(), 'gunzip', key.hexdigest()[:24] + '.jsonl')
+  out = _cached(path, 'gunzip')
   broken_file = out + '.broken.json'
   if os.path.exists(out):
     if not os.path.exists(broken_file):
@@ -201,16 +200,60 @@ def _gunzipped(path: str) -> tuple[str, Broken | None, int]:
   return out, broken, lines
 
 
+def _cached(path: str, kind: str) -> str:
+  """Where the cache keeps a converted copy of a local file (keyed by path, size and mtime)."""
+  st = os.stat(path)
+  key = hashlib.sha256(f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}'.encode())
+  return os.path.join(_cache_dir(), kind, key.hexdigest()[:24] + '.jsonl')
+
+
+def _json_default(value: Any) -> Any:
+  """Parquet values JSON has no type for: bytes as UTF-8 text, dates and decimals as text."""
+  if isinstance(value, bytes):
+    try:
+      return value.decode('utf-8')
+    except UnicodeDecodeError:
+      pass
+  return str(value)
+
+
+def _parquet_lines(path: str) -> str:
+  """A Parquet file converted once, one record batch at a time, into a JSONL file in the cache
+  (row i on line i + 1), so it is indexed and read line by line like any JSONL: random access
+  without decoding a whole row group per record, and never the whole table in memory."""
+  out = _cached(path, 'parquet')
+  if os.path.exists(out):
+    return out
+  import pyarrow.parquet as pq
+
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f'{out}.{os.getpid()}.tmp'
+  try:
+    table = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file it cannot read
+    raise DataError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from None
+  with open(tmp, 'w', encoding='utf-8') as dst:
+    for batch in table.iter_batches(batch_size=4096):
+      dst.write(''.join(json.dumps(row, ensure_ascii=False, default=_json_default) + '\n'
+                        for row in batch.to_pylist()))
+  os.replace(tmp, out)
+  return out
+
+
 class _Lines(grain.sources.RandomAccessDataSource):
   """The non-blank lines of a JSONL file, each with its line number. A local file is indexed
   (offset and length of every line) in one chunked pass and read line by line, so it is never
   held in memory; a .gz is first decompressed once into the cache; a remote one (gs://) is read
-  whole. Lines stay bytes until parsed, so one line that is not UTF-8 is one bad record."""
+  whole. Lines stay bytes until parsed, so one line that is not UTF-8 is one bad record.
+  `rows=True` (a Parquet file's JSONL copy) names records `path[row]` rather than `path:line`."""
 
-  def __init__(self, path: str, data: bytes | None = None):
-    self._path, self._file, self._fd, self._broken, self._data = path, None, None, None, data
-    self._broken_line = 0
-    if data is None and _local(path) and not path.endswith('.gz'):
+  def __init__(self, path: str, data: bytes | None = None, *, file: str | None = None,
+               rows: bool = False):
+    self._path, self._file, self._fd, self._broken, self._data = path, file, None, None, data
+    self._broken_line, self._rows = 0, rows
+    if file is not None:
+      pass
+    elif data is None and _local(path) and not path.endswith('.gz'):
       _exists(path)
       self._file = path
     elif data is None and _local(path):
@@ -241,7 +284,8 @@ class _Lines(grain.sources.RandomAccessDataSource):
     if index == len(self._offsets) and self._broken is not None:
       return {'where': f'{self._path}:{self._broken_line}', 'raw': self._broken}
     offset, length = int(self._offsets[index]), int(self._lengths[index])
-    where = f'{self._path}:{self._numbers[index]}'
+    where = (f'{self._path}[{self._numbers[index] - 1}]' if self._rows
+             else f'{self._path}:{self._numbers[index]}')
     if self._file is None:
       return {'where': where, 'raw': self._data[offset:offset + length]}
     if self._fd is None:
@@ -250,7 +294,8 @@ class _Lines(grain.sources.RandomAccessDataSource):
 
 
 class _Records(grain.sources.RandomAccessDataSource):
-  """Already-parsed records (JSON array, Parquet) with their index, and where the file broke."""
+  """Already-parsed records (JSON array, remote Parquet) with their index, and where the file
+  broke."""
 
   def __init__(self, path: str, records: list[Any], broken: tuple[int, Broken] | None = None):
     self._path, self._records, self._broken = path, records, broken
@@ -347,9 +392,12 @@ def open_records(path: str, *, split: str = '',
     return _Records(path, *_json_array(text))
   if kind == 'parquet':
     _exists(path)
+    if _local(path):
+      return _Lines(path, file=_parquet_lines(path), rows=True)
     import pyarrow.parquet as pq
 
-    return _Records(path, pq.read_table(path).to_pylist())
+    with epath.Path(path).open('rb') as f:
+      return _Records(path, pq.read_table(f).to_pylist())
   if kind == 'array_record':
     paths = sorted(str(p) for p in epath.Path(path).parent.glob(epath.Path(path).name + '*'))
     if not paths:

@@ -105,6 +105,18 @@ class Folder:
                             f'({e}); the file may be truncated') from None
 
 
+def _stacked(key: tuple[str, ...], tensor: Any) -> int:
+  """How many leading axes of the ftjax array index separate HF tensors: the layer ('{i}',
+  for parameters under `blocks`) and the expert ('{e}', for a mixture of experts)."""
+  return (key[0] == 'blocks') + ('{e}' in tensor.hf_name)
+
+
+def _pieces(tensor: Any, lead: tuple[int, ...]) -> list[tuple[tuple[int, ...], str]]:
+  """(index into the leading axes, HF tensor name) of every HF tensor an array holds."""
+  return [(at, tensor.hf_name.format(**dict(zip('ie', at, strict=False))))
+          for at in np.ndindex(*lead)]
+
+
 def check_tensors(folder: Folder, cfg: Any, abstract_state: Any) -> None:
   """Every tensor exists with the shape `cfg` implies, and the checkpoint has no others."""
   tmap = models.family_of(cfg).hf_tensors(cfg)
@@ -113,10 +125,9 @@ def check_tensors(folder: Folder, cfg: Any, abstract_state: Any) -> None:
       abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     key = _names(path)
     tensor, shape = tmap[key], tuple(var.get_value().shape)
-    names = ([tensor.hf_name.format(i=i) for i in range(shape[0])] if key[0] == 'blocks'
-             else [tensor.hf_name])
-    want = tensor.hf_shape(shape[1:] if key[0] == 'blocks' else shape)
-    for name in names:
+    lead = _stacked(key, tensor)
+    want = tensor.hf_shape(shape[lead:])
+    for _, name in _pieces(tensor, shape[:lead]):
       expected.add(name)
       found = folder.shape(name)
       if found != want:
@@ -140,17 +151,18 @@ def load_state(folder: Folder, cfg: Any, abstract_state: Any, shardings: Any) ->
     key = _names(path)
     tensor = tmap[key]
     shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
-    stacked = key[0] == 'blocks'
-
-    def read_layer(name: str, index, layer_shape):
-      return tensor.read(lambda i: folder.read(name, i), index, layer_shape)
+    lead = _stacked(key, tensor)
 
     def callback(index):
-      if not stacked:
-        return read_layer(tensor.hf_name, index, shape).astype(dtype)
-      layers = range(*index[0].indices(shape[0]))
-      return np.stack([read_layer(tensor.hf_name.format(i=i), index[1:], shape[1:])
-                       for i in layers]).astype(dtype)
+      ranges = [range(*i.indices(n)) for i, n in zip(index[:lead], shape[:lead], strict=True)]
+      pieces = []
+      for at in np.ndindex(*(len(r) for r in ranges)):
+        name = tensor.hf_name.format(**{c: r[j] for c, r, j in zip('ie', ranges, at, strict=False)})
+        pieces.append(tensor.read(lambda i, name=name: folder.read(name, i), index[lead:],
+                                  shape[lead:]))
+      if not lead:
+        return pieces[0].astype(dtype)
+      return np.stack(pieces).reshape(*(len(r) for r in ranges), *pieces[0].shape).astype(dtype)
 
     return var.replace(jax.make_array_from_callback(shape, sharding_var.get_value(), callback))
 
@@ -171,10 +183,8 @@ def layout(params: Any, cfg: Any) -> list[tuple[str, tuple[int, ...]]]:
       params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     key = _names(path)
     tensor, shape = tmap[key], tuple(var.get_value().shape)
-    if key[0] == 'blocks':
-      out += [(tensor.hf_name.format(i=i), tensor.hf_shape(shape[1:])) for i in range(shape[0])]
-    else:
-      out.append((tensor.hf_name, tensor.hf_shape(shape)))
+    lead = _stacked(key, tensor)
+    out += [(name, tensor.hf_shape(shape[lead:])) for _, name in _pieces(tensor, shape[:lead])]
   return out
 
 
@@ -188,9 +198,9 @@ def gathered(params: Any, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
       params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     key = _names(path)
     tensor, x = tmap[key], var.get_value()
-    pieces = ([(tensor.hf_name.format(i=i), x[i]) for i in range(x.shape[0])]
-              if key[0] == 'blocks' else [(tensor.hf_name, x)])
-    for name, piece in pieces:
+    lead = _stacked(key, tensor)
+    for at, name in _pieces(tensor, x.shape[:lead]):
+      piece = x[at] if at else x
       host = np.asarray(multihost_utils.process_allgather(piece, tiled=True))
       yield name, tensor.to_hf(host)
 

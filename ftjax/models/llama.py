@@ -1,4 +1,5 @@
-"""Llama-family decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3.
+"""Llama-family decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3, and the
+mixtures of experts Qwen3-MoE and Mixtral (their MLP is `moe.MoeMlp`).
 
 These families share one block structure; `Config` flags switch on what differs (q/k/v and
 output biases, q/k norm, sliding-window layers, Gemma's (1+w) norms, GeGLU, embedding scaling,
@@ -19,7 +20,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ftjax import sharding
-from ftjax.models import attention, layers, llama_hf
+from ftjax.models import attention, layers, llama_hf, moe
 
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -58,6 +59,12 @@ class Config:
   global_every: int = 0  # with sliding_window: every N-th layer is global; 0 = none is
   rope_local_theta: float = 0.0  # Gemma 3: rope base of sliding layers; 0 = rope_theta
   rope_linear_factor: float = 1.0  # linear rope scaling (positions / factor) of global layers
+  # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is `num_experts` SwiGLU experts
+  # of width `moe_mlp_dim`, `num_experts_per_tok` per token; 0 = a dense MLP of `mlp_dim`.
+  num_experts: int = 0
+  num_experts_per_tok: int = 2
+  moe_mlp_dim: int = 0
+  norm_topk_prob: bool = True  # renormalise the top-k router probabilities (Mixtral: always)
 
   def is_global(self, layer: int) -> bool:
     """Whether `layer` attends to the whole context (else to `sliding_window` positions)."""
@@ -72,6 +79,11 @@ class Config:
       )
     if self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts
+                                 and self.moe_mlp_dim > 0 and self.mlp_activation == 'silu'):
+      raise ValueError(f'num_experts={self.num_experts}: needs 0 < num_experts_per_tok='
+                       f'{self.num_experts_per_tok} <= num_experts, moe_mlp_dim='
+                       f'{self.moe_mlp_dim} > 0 and SwiGLU experts')
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(
           f'mlp_activation={self.mlp_activation!r}; expected one of {list(ACTIVATIONS)}')
@@ -104,6 +116,15 @@ PRESETS = {
     'llama3p1_8b': Config(vocab_size=128_256, embed_dim=4096, num_layers=32, num_heads=32,
                           num_kv_heads=8, head_dim=128, mlp_dim=14_336,
                           rope_scaling_factor=8.0, **_LLAMA3_ROPE),
+    # Mixtures of experts, as their Hugging Face config.json describes them.
+    'qwen3_30b_a3b': Config(vocab_size=151_936, embed_dim=2048, num_layers=48, num_heads=32,
+                            num_kv_heads=4, head_dim=128, mlp_dim=6144, rope_theta=1_000_000.0,
+                            norm_eps=1e-6, family='qwen3_moe', qk_norm=True, num_experts=128,
+                            num_experts_per_tok=8, moe_mlp_dim=768, norm_topk_prob=True),
+    'mixtral_8x7b': Config(vocab_size=32_000, embed_dim=4096, num_layers=32, num_heads=32,
+                           num_kv_heads=8, head_dim=128, mlp_dim=14_336, rope_theta=1_000_000.0,
+                           family='mixtral', num_experts=8, num_experts_per_tok=2,
+                           moe_mlp_dim=14_336),
     'llama3p1_70b': Config(vocab_size=128_256, embed_dim=8192, num_layers=80, num_heads=64,
                            num_kv_heads=8, head_dim=128, mlp_dim=28_672,
                            rope_scaling_factor=8.0, **_LLAMA3_ROPE),
@@ -135,7 +156,8 @@ class Block(nnx.Module):
     self.attn = attention.Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                           implementation=attention_impl)
     self.mlp_norm = layers.RMSNorm(cfg.embed_dim, **norm)
-    self.mlp = Mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    mlp = moe.MoeMlp if cfg.num_experts else Mlp
+    self.mlp = mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if cfg.post_norms:
       self.attn_post_norm = layers.RMSNorm(cfg.embed_dim, **norm)
       self.mlp_post_norm = layers.RMSNorm(cfg.embed_dim, **norm)

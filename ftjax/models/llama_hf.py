@@ -1,8 +1,9 @@
 """The Llama family's Hugging Face form: config.json <-> `llama.Config` fields, and its tensor map.
 
-Seven checkpoint types share the Llama block structure (llama, mistral, qwen2, qwen3, gemma,
-gemma2, gemma3_text); what differs between them is read from, and written back to, config.json
-here. `tensor_map` says which Hugging Face tensor each ftjax parameter is, and how it is laid out.
+Nine checkpoint types share the Llama block structure (llama, mistral, qwen2, qwen3, gemma,
+gemma2, gemma3_text, and the mixtures of experts qwen3_moe and mixtral); what differs between
+them is read from, and written back to, config.json here. `tensor_map` says which Hugging Face
+tensor each ftjax parameter is, and how it is laid out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 from ftjax.errors import CheckpointError
 from ftjax.hf.tensors import Tensor
 
-MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text')
+MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text',
+               'qwen3_moe', 'mixtral')
 
 
 def _rope(hf: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
@@ -73,6 +75,12 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   # attention_bias puts biases on q, k, v and o alike. Mistral has no such option.
   if family in ('qwen2', 'llama'):
     del changes_the_math['attention_bias']
+  if family == 'qwen3_moe':
+    # Dense layers between sparse ones (decoder_sparse_step > 1, mlp_only_layers) are not built.
+    changes_the_math.update(decoder_sparse_step=1)
+    if hf.get('mlp_only_layers'):
+      raise CheckpointError(f"config.json: mlp_only_layers={hf['mlp_only_layers']} (dense MLP "
+                            'layers in a mixture of experts) is not supported by ftjax')
   llama_bias = family == 'llama' and bool(hf.get('attention_bias'))
   for key, expected in changes_the_math.items():
     value = hf.get(key)
@@ -92,13 +100,20 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
       init_std=float(hf.get('initializer_range', 0.02)),
       mlp_activation=act,
       qkv_bias=family == 'qwen2' or llama_bias, o_bias=llama_bias,
-      qk_norm=family in ('qwen3', 'gemma3_text'),
+      qk_norm=family in ('qwen3', 'gemma3_text', 'qwen3_moe'),
       norm_plus_one=gemma, embed_scale=gemma,
       post_norms=family in ('gemma2', 'gemma3_text'),
       attn_softcap=float(hf.get('attn_logit_softcapping') or 0.0),
       final_softcap=float(hf.get('final_logit_softcapping') or 0.0),
       query_scale=float(hf.get('query_pre_attn_scalar') or 0.0),
   )
+  if family in ('qwen3_moe', 'mixtral'):
+    fields.update(
+        num_experts=int(hf.get('num_experts') or hf['num_local_experts']),
+        num_experts_per_tok=int(hf['num_experts_per_tok']),
+        moe_mlp_dim=int(hf['moe_intermediate_size'] if family == 'qwen3_moe'
+                        else hf['intermediate_size']),
+        norm_topk_prob=bool(hf.get('norm_topk_prob', False)) if family == 'qwen3_moe' else True)
   rope_kind = 'full_attention' if family == 'gemma3_text' else None
   rope = _rope(hf, rope_kind)
   fields.update({f'rope_{k}' if k != 'theta' else 'rope_theta': v for k, v in rope.items()
@@ -108,7 +123,7 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   if 'original_max_len' in rope:
     fields['rope_original_max_len'] = rope['original_max_len']
   window = hf.get('sliding_window') or 0
-  if family in ('qwen2', 'qwen3', 'llama'):
+  if family in ('qwen2', 'qwen3', 'llama', 'qwen3_moe'):
     window = 0  # only used with use_sliding_window, refused above
   if window:
     fields['sliding_window'] = int(window)
@@ -130,7 +145,13 @@ def config_to_hf(cfg: Any, dtype: str) -> dict[str, Any]:
                      'only together with q/k/v biases (attention_bias)')
   arch = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
           'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'gemma': 'GemmaForCausalLM',
-          'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM'}[cfg.family]
+          'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM',
+          'qwen3_moe': 'Qwen3MoeForCausalLM', 'mixtral': 'MixtralForCausalLM'}[cfg.family]
+  if bool(cfg.num_experts) != (cfg.family in ('qwen3_moe', 'mixtral')):
+    raise ValueError(f'family={cfg.family!r} with num_experts={cfg.num_experts} has no Hugging '
+                     'Face form: only qwen3_moe and mixtral are mixtures of experts')
+  if cfg.family == 'mixtral' and not cfg.norm_topk_prob:
+    raise ValueError('mixtral always renormalises its top-k router weights (norm_topk_prob)')
   rope: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
   if cfg.rope_scaling_factor != 1.0:
     rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_theta,
@@ -161,8 +182,16 @@ def config_to_hf(cfg: Any, dtype: str) -> dict[str, Any]:
     hf['attention_bias'] = cfg.o_bias
   if cfg.family == 'qwen2':
     hf['use_sliding_window'] = False
-  if cfg.family == 'mistral':
+  if cfg.family in ('mistral', 'mixtral'):
     hf['sliding_window'] = cfg.sliding_window or None
+  if cfg.num_experts:
+    hf.update(num_experts_per_tok=cfg.num_experts_per_tok)
+  if cfg.family == 'qwen3_moe':
+    hf.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_mlp_dim,
+              norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+              use_sliding_window=False)
+  if cfg.family == 'mixtral':
+    hf.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_mlp_dim)
   if cfg.family in ('gemma2', 'gemma3_text'):
     scalar = cfg.query_scale or cfg.head_dim
     hf.update(sliding_window=cfg.sliding_window,
@@ -197,8 +226,18 @@ def tensor_map(cfg: Any) -> dict[tuple[str, ...], Tensor]:
     for name in 'qk':
       m[('blocks', 'attn', f'{name}_norm', 'scale')] = Tensor(
           layer + f'self_attn.{name}_norm.weight', 'same')
+  if cfg.family == 'mixtral':  # '{e}': the expert, a second stacked axis
+    moe, experts = layer + 'block_sparse_moe.', dict(gate='w1', up='w3', down='w2')
+  else:
+    moe, experts = layer + 'mlp.', dict(gate='gate_proj', up='up_proj', down='down_proj')
   for name in ('gate', 'up', 'down'):
-    m[('blocks', 'mlp', name, 'w')] = Tensor(layer + f'mlp.{name}_proj.weight', 'transpose')
+    if cfg.num_experts:
+      m[('blocks', 'mlp', name, 'w')] = Tensor(
+          moe + f'experts.{{e}}.{experts[name]}.weight', 'transpose')
+    else:
+      m[('blocks', 'mlp', name, 'w')] = Tensor(layer + f'mlp.{name}_proj.weight', 'transpose')
+  if cfg.num_experts:
+    m[('blocks', 'mlp', 'router')] = Tensor(moe + 'gate.weight', 'transpose')
   if cfg.post_norms:
     m[('blocks', 'attn_post_norm', 'scale')] = Tensor(layer + 'post_attention_layernorm.weight',
                                                        'same')
