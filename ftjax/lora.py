@@ -213,8 +213,8 @@ class LoRAGrouped(nnx.Module):
     if _ADAPTERS_OFF[-1]:
       return y
     dtype = self.base.dtype
-    xa = jax.lax.ragged_dot(x.astype(dtype), self.a.get_value().astype(dtype), group_sizes)
-    return y + self.scale * jax.lax.ragged_dot(xa, self.b.get_value().astype(dtype), group_sizes)
+    xa = moe.grouped_matmul(x.astype(dtype), self.a.get_value().astype(dtype), group_sizes)
+    return y + self.scale * moe.grouped_matmul(xa, self.b.get_value().astype(dtype), group_sizes)
 
 
 def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
