@@ -59,26 +59,25 @@ class MeshError(UserError):
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """The four axis sizes of `shape`, `(data, fsdp, tensor)` (no expert axis) or `(data, fsdp,
   expert, tensor)`, with a single -1 filled so that the product equals `num_devices`."""
-  shape = tuple(int(s) for s in shape)
-  if len(shape) == 3:
-    shape = (shape[0], shape[1], 1, shape[2])
+  given = tuple(int(s) for s in shape)  # as the user wrote it, for the messages
+  shape = (given[0], given[1], 1, given[2]) if len(given) == 3 else given
   if len(shape) != len(MESH_AXES):
     raise MeshError(
-        f'mesh.shape={shape} must have 3 entries (data, fsdp, tensor) or 4 (data, fsdp, expert, '
+        f'mesh.shape={given} must have 3 entries (data, fsdp, tensor) or 4 (data, fsdp, expert, '
         'tensor).')
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise MeshError(f'mesh.shape={shape}: use positive sizes and at most one -1 (fills the rest).')
+    raise MeshError(f'mesh.shape={given}: use positive sizes and at most one -1 (fills the rest).')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
       raise MeshError(
-          f'mesh.shape={shape}: the fixed axes ({known} devices) do not divide the '
+          f'mesh.shape={given}: the fixed axes ({known} devices) do not divide the '
           f'{num_devices} available devices.'
       )
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
     raise MeshError(
-        f'mesh.shape={shape} needs {math.prod(shape)} devices, but {num_devices} are available; '
+        f'mesh.shape={given} needs {math.prod(shape)} devices, but {num_devices} are available; '
         f'set --config.mesh.shape so that the product is {num_devices} (one entry may be -1).'
     )
   return shape
