@@ -1,10 +1,11 @@
 """The benchmark scripts under benchmarks/ run (small, fast cases)."""
 
 import json
+import os
 import sys
 
 import pytest
-from helpers import run_command
+from helpers import REPO, run_command
 
 
 @pytest.mark.slow
@@ -27,7 +28,7 @@ def test_moe_vs_dense_benchmark_times_both_with_equal_active_parameters():
   from ftjax import config as config_lib
   from ftjax import throughput
 
-  sys.path.insert(0, 'benchmarks')
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   import moe_vs_dense
 
   args = type('Args', (), dict(seq_len=32, batch=2))
