@@ -251,15 +251,13 @@ class _Lines(grain.sources.RandomAccessDataSource):
                rows: bool = False):
     self._path, self._file, self._fd, self._broken, self._data = path, file, None, None, data
     self._broken_line, self._rows = 0, rows
-    if file is not None:
-      pass
-    elif data is None and _local(path) and not path.endswith('.gz'):
+    if file is None and data is None and _local(path):
       _exists(path)
-      self._file = path
-    elif data is None and _local(path):
-      _exists(path)
-      self._file, self._broken, self._broken_line = _gunzipped(path)
-    elif data is None:
+      if path.endswith('.gz'):
+        self._file, self._broken, self._broken_line = _gunzipped(path)
+      else:
+        self._file = path
+    elif file is None and data is None:
       self._data = _read_bytes(path)
       if path.endswith('.gz'):
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -111,10 +111,17 @@ def _stacked(key: tuple[str, ...], tensor: Any) -> int:
   return (key[0] == 'blocks') + ('{e}' in tensor.hf_name)
 
 
-def _pieces(tensor: Any, lead: tuple[int, ...]) -> list[tuple[tuple[int, ...], str]]:
-  """(index into the leading axes, HF tensor name) of every HF tensor an array holds."""
-  return [(at, tensor.hf_name.format(**dict(zip('ie', at, strict=False))))
-          for at in np.ndindex(*lead)]
+def _pieces(tensor: Any, ranges: Sequence[range]) -> list[tuple[tuple[int, ...], str]]:
+  """(position in the block, HF tensor name) of every HF tensor in the block of the leading
+  axes (layer, expert) that `ranges` select."""
+  return [(at, tensor.hf_name.format(**{c: r[j] for c, r, j in zip('ie', ranges, at,
+                                                                    strict=False)}))
+          for at in np.ndindex(*(len(r) for r in ranges))]
+
+
+def _every(shape: Sequence[int]) -> list[range]:
+  """Ranges over the whole of each leading axis of `shape`."""
+  return [range(n) for n in shape]
 
 
 def check_tensors(folder: Folder, cfg: Any, abstract_state: Any) -> None:
@@ -127,7 +134,7 @@ def check_tensors(folder: Folder, cfg: Any, abstract_state: Any) -> None:
     tensor, shape = tmap[key], tuple(var.get_value().shape)
     lead = _stacked(key, tensor)
     want = tensor.hf_shape(shape[lead:])
-    for _, name in _pieces(tensor, shape[:lead]):
+    for _, name in _pieces(tensor, _every(shape[:lead])):
       expected.add(name)
       found = folder.shape(name)
       if found != want:
@@ -155,11 +162,8 @@ def load_state(folder: Folder, cfg: Any, abstract_state: Any, shardings: Any) ->
 
     def callback(index):
       ranges = [range(*i.indices(n)) for i, n in zip(index[:lead], shape[:lead], strict=True)]
-      pieces = []
-      for at in np.ndindex(*(len(r) for r in ranges)):
-        name = tensor.hf_name.format(**{c: r[j] for c, r, j in zip('ie', ranges, at, strict=False)})
-        pieces.append(tensor.read(lambda i, name=name: folder.read(name, i), index[lead:],
-                                  shape[lead:]))
+      pieces = [tensor.read(lambda i, name=name: folder.read(name, i), index[lead:], shape[lead:])
+                for _, name in _pieces(tensor, ranges)]
       if not lead:
         return pieces[0].astype(dtype)
       return np.stack(pieces).reshape(*(len(r) for r in ranges), *pieces[0].shape).astype(dtype)
@@ -184,7 +188,8 @@ def layout(params: Any, cfg: Any) -> list[tuple[str, tuple[int, ...]]]:
     key = _names(path)
     tensor, shape = tmap[key], tuple(var.get_value().shape)
     lead = _stacked(key, tensor)
-    out += [(name, tensor.hf_shape(shape[lead:])) for _, name in _pieces(tensor, shape[:lead])]
+    out += [(name, tensor.hf_shape(shape[lead:]))
+            for _, name in _pieces(tensor, _every(shape[:lead]))]
   return out
 
 
@@ -199,7 +204,7 @@ def gathered(params: Any, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
     key = _names(path)
     tensor, x = tmap[key], var.get_value()
     lead = _stacked(key, tensor)
-    for at, name in _pieces(tensor, x.shape[:lead]):
+    for at, name in _pieces(tensor, _every(x.shape[:lead])):
       piece = x[at] if at else x
       host = np.asarray(multihost_utils.process_allgather(piece, tiled=True))
       yield name, tensor.to_hf(host)

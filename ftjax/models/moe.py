@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 from ftjax import sharding
 from ftjax.models import layers
 
-# Rows per tile of the CPU grouped matmul; tests may lower it to exercise many tiles.
+# Rows per tile of the CPU grouped matmul.
 CPU_TILE = 128
 
 
@@ -56,9 +56,10 @@ def _tile_rows(a: jax.Array, first: jax.Array, count: jax.Array, tile: int) -> j
   return jnp.where((jnp.arange(tile) < count)[:, None], rows, 0)
 
 
-def _scan_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def _scan_matmul(x: jax.Array, w: jax.Array, tiles: tuple[jax.Array, ...]) -> jax.Array:
+  """The grouped matmul over the `_tiles` of x's groups, one tile per scan step."""
   tile, n = CPU_TILE, x.shape[0]
-  group, first, count = _tiles(group_sizes, n, tile)
+  group, first, count = tiles
   xpad = jnp.concatenate([x, jnp.zeros((tile, x.shape[1]), x.dtype)])
 
   def body(out, t):
@@ -73,18 +74,18 @@ def _scan_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Arra
 
 @jax.custom_vjp
 def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  return _scan_matmul(x, w, group_sizes)
+  return _scan_matmul(x, w, _tiles(group_sizes, x.shape[0], CPU_TILE))
 
 
 def _tiled_fwd(x, w, group_sizes):
-  return _scan_matmul(x, w, group_sizes), (x, w, group_sizes)
+  tiles = _tiles(group_sizes, x.shape[0], CPU_TILE)
+  return _scan_matmul(x, w, tiles), (x, w, tiles)
 
 
 def _tiled_bwd(res, dy):
-  x, w, group_sizes = res
-  dx = _scan_matmul(dy, jnp.swapaxes(w, 1, 2), group_sizes)
-  tile, n = CPU_TILE, x.shape[0]
-  group, first, count = _tiles(group_sizes, n, tile)
+  x, w, tiles = res  # the forward pass's tiles: the backward pass reuses them
+  dx = _scan_matmul(dy, jnp.swapaxes(w, 1, 2), tiles)
+  tile, (group, first, count) = CPU_TILE, tiles
   xpad = jnp.concatenate([x, jnp.zeros((tile, x.shape[1]), x.dtype)])
   dypad = jnp.concatenate([dy, jnp.zeros((tile, dy.shape[1]), dy.dtype)])
 
