@@ -20,6 +20,10 @@ sequence, per token or over a fixed length (`loss_norm`).
 Every loss is already divided by the batch's normalizers (`normalizers`, computed on the whole
 global batch before gradient accumulation), so summing microbatch losses and gradients gives
 exactly the update of one big batch.
+
+A mixture of experts adds its router's auxiliary losses to every kind (`aux_penalty`, weighted
+by `router_aux_loss_coef` and `router_z_loss_coef`); they are computed per microbatch, so with
+accumulation the step's figure is the mean over microbatches, not over one big batch.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class Options:
   top_p: float = 1.0
   top_k: int = 0
   max_new_tokens: int = 32
+  # mixtures of experts (every kind): weights of the router's auxiliary losses in the loss
+  router_aux_loss_coef: float = 0.0
+  router_z_loss_coef: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -78,6 +85,9 @@ class Options:
       raise ValueError(f'objective.beta={self.beta} must be > 0')
     if not 0.0 <= self.label_smoothing < 0.5:
       raise ValueError(f'objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)')
+    for name in ('router_aux_loss_coef', 'router_z_loss_coef'):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f'objective.{name}={getattr(self, name)} must be >= 0')
     if self.precompute_ref and not self.uses_reference:
       raise ValueError(f'objective.precompute_ref=True needs a reference model; '
                        f'objective.kind={self.kind!r} has none')
@@ -151,16 +161,16 @@ SFT = Options()  # the default objective
 def normalizers(options: Options, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Denominators of the loss, from the whole global batch (known before any forward pass)."""
   mask = batch['loss_mask'].astype(jnp.float32)
+  rows = jnp.float32(mask.shape[0])  # a microbatch's share of the auxiliary losses
   if options.rollouts:
-    rows = mask.shape[0]
-    return dict(tokens=jnp.sum(mask), sequences=jnp.float32(rows),
-                fixed=jnp.float32(rows * options.max_new_tokens))
+    return dict(tokens=jnp.sum(mask), sequences=rows, rows=rows,
+                fixed=rows * options.max_new_tokens)
   if not options.pairs:
-    return dict(tokens=jnp.sum(mask))
+    return dict(tokens=jnp.sum(mask), rows=rows)
   counts = segment_sums(mask, batch['segment_ids'])
   valid = (counts[:, 0] > 0) & (counts[:, 1] > 0)
   positions = segment_sums(jnp.ones_like(mask), batch['segment_ids'])[:, 0]
-  return dict(tokens=jnp.sum(counts[:, 0]),
+  return dict(tokens=jnp.sum(counts[:, 0]), rows=rows,
               pairs=jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32),
               chosen_positions=jnp.maximum(jnp.sum(positions * valid), 1.0))
 
@@ -176,25 +186,44 @@ def sequence_logps(model, batch: dict[str, jax.Array], *, dropout_key=None,
   """Per row, the summed completion log-probabilities of chosen and rejected (`[B, 2]`), their
   completion token counts, their argmax hits on those tokens, and the log-probabilities summed
   over every position of each sequence, prompt included (`[B, 2]` each)."""
-  hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
-                        dropout_key=dropout_key)
+  return sequence_logps_and_aux(model, batch, dropout_key=dropout_key, loss_chunk=loss_chunk)[0]
+
+
+def sequence_logps_and_aux(model, batch: dict[str, jax.Array], *, dropout_key=None,
+                           loss_chunk: int = 0) -> tuple[tuple[jax.Array, ...], dict]:
+  """`sequence_logps` and the model's auxiliary losses (`forward`)."""
+  hidden, aux = forward(model, batch, dropout_key)
   token_logps, hits = losses.chunked_token_logps(hidden, batch['targets'], model.logits,
                                                  loss_chunk)
   mask, segments = batch['loss_mask'].astype(jnp.float32), batch['segment_ids']
   return (segment_sums(token_logps * mask, segments), segment_sums(mask, segments),
-          segment_sums(hits * mask, segments), segment_sums(token_logps, segments))
+          segment_sums(hits * mask, segments), segment_sums(token_logps, segments)), aux
 
 
 def token_logps(model, batch: dict[str, jax.Array], *, temperature: float = 1.0,
                 dropout_key=None, loss_chunk: int = 0, entropy: bool = False) -> tuple:
   """`[B, T]` log-probabilities of every target token (and with `entropy` the distribution's
   entropy) under the model's logits divided by `temperature` (the distribution rollouts sample
-  from, as TRL scores them)."""
-  hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
-                        dropout_key=dropout_key)
+  from, as TRL scores them), and the model's auxiliary losses (`forward`) last."""
+  hidden, aux = forward(model, batch, dropout_key)
   logits_fn = model.logits if temperature == 1.0 else (lambda h: model.logits(h) / temperature)
   out = losses.chunked_token_logps(hidden, batch['targets'], logits_fn, loss_chunk, entropy)
-  return (out[0], out[2]) if entropy else (out[0],)
+  return (out[0], out[2], aux) if entropy else (out[0], aux)
+
+
+def forward(model, batch: dict[str, jax.Array], dropout_key=None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The batch's final hidden states and the model's auxiliary losses by name (a mixture of
+  experts' `router_aux_loss` and `router_z_loss`; `{}` for a dense model)."""
+  return model.hidden_and_aux(batch['tokens'], batch['positions'], batch['segment_ids'],
+                              dropout_key=dropout_key)
+
+
+def aux_penalty(options: Options, aux: dict[str, jax.Array]) -> jax.Array:
+  """What the auxiliary losses add to the objective: each times its coefficient."""
+  coefs = dict(router_aux_loss=options.router_aux_loss_coef,
+               router_z_loss=options.router_z_loss_coef)
+  return sum((coefs[k] * v for k, v in aux.items() if coefs[k]), jnp.zeros(()))
 
 
 def _smoothed(logits: jax.Array, label_smoothing: float) -> jax.Array:

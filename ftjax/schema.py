@@ -96,6 +96,9 @@ def defaults() -> ml_collections.ConfigDict:
       top_p=1.0,
       top_k=0,  # 0 = all tokens
       max_new_tokens=32,  # per completion; data.seq_len must hold prompt + completion
+      # mixtures of experts, any kind (both are logged whatever their weight, docs/moe.md):
+      router_aux_loss_coef=0.0,  # load balancing (transformers' router_aux_loss_coef: 0.001)
+      router_z_loss_coef=0.0,  # ST-MoE's router z-loss (1e-3 in its paper)
   )
   c.optim = dict(
       lr=1e-4,

@@ -31,11 +31,12 @@ class TrainState:
 
 
 def _loss_and_stats(params, frozen, batch, *, graphdef, dropout_key=None, loss_chunk=0):
+  """The summed next-token loss statistics (`losses.chunked_next_token_xent`) and the model's
+  auxiliary losses (`objectives.forward`)."""
   model = nnx.merge(graphdef, params, frozen)
-  hidden = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'],
-                        dropout_key=dropout_key)
+  hidden, aux = objectives.forward(model, batch, dropout_key)
   return losses.chunked_next_token_xent(hidden, batch['targets'], batch['loss_mask'],
-                                        model.logits, loss_chunk)
+                                        model.logits, loss_chunk), aux
 
 
 def reference_logps(params, frozen, batch, ref=None, *, graphdef, loss_chunk=0):
@@ -58,8 +59,10 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
   """Gradients of this (micro)batch's share of the loss, that share, and its metrics.
 
   SFT: the summed masked loss (the caller divides by the token count). Preference objectives:
-  the loss already divided by `norm` (`objectives.normalizers` of the whole global batch).
+  the loss already divided by `norm` (`objectives.normalizers` of the whole global batch;
+  None = of this batch).
   """
+  norm = objectives.normalizers(objective, batch) if norm is None else norm
   ref_logps = (reference_logps(params, frozen, batch, ref, graphdef=graphdef,
                                loss_chunk=loss_chunk)
                if objective.pairs and objective.uses_reference else None)
@@ -69,18 +72,28 @@ def loss_grads(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]
     # model (the layer scan) refuse Variables created outside the gradient trace.
     frozen_now = jax.tree.map(lambda x: x, frozen)
     if objective.kind == 'sft':
-      stats = _loss_and_stats(params, frozen_now, batch, graphdef=graphdef,
-                              dropout_key=dropout_key, loss_chunk=loss_chunk)
-      return stats['loss_sum'], {}
+      stats, aux = _loss_and_stats(params, frozen_now, batch, graphdef=graphdef,
+                                   dropout_key=dropout_key, loss_chunk=loss_chunk)
+      # The summed loss is divided by the batch's tokens after accumulation: scaled up to match.
+      return with_aux(stats['loss_sum'], {}, aux, norm['tokens'])
     model = nnx.merge(graphdef, params, frozen_now)
     if objective.rollouts:
-      logps, entropy = objectives.token_logps(model, batch, temperature=objective.temperature,
-                                              dropout_key=dropout_key, loss_chunk=loss_chunk,
-                                              entropy=True)
-      return objectives.grpo_loss(objective, logps, entropy, batch, norm)
-    logps, counts, _, whole = objectives.sequence_logps(model, batch, dropout_key=dropout_key,
-                                                        loss_chunk=loss_chunk)
-    return objectives.pair_loss(objective, logps, counts, ref_logps, norm, whole)
+      logps, entropy, aux = objectives.token_logps(
+          model, batch, temperature=objective.temperature, dropout_key=dropout_key,
+          loss_chunk=loss_chunk, entropy=True)
+      return with_aux(*objectives.grpo_loss(objective, logps, entropy, batch, norm), aux)
+    (logps, counts, _, whole), aux = objectives.sequence_logps_and_aux(
+        model, batch, dropout_key=dropout_key, loss_chunk=loss_chunk)
+    return with_aux(*objectives.pair_loss(objective, logps, counts, ref_logps, norm, whole), aux)
+
+  def with_aux(loss, metrics, aux, scale=1.0):
+    """The loss plus this microbatch's share (its rows of the global batch) of the weighted
+    auxiliary losses, which are logged by name with the same share (they sum to the mean)."""
+    if not aux:
+      return loss, metrics
+    share = batch['loss_mask'].shape[0] / norm['rows']
+    return (loss + objectives.aux_penalty(objective, aux) * share * scale,
+            dict(metrics, **{k: v * share for k, v in aux.items()}))
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, loss, metrics
@@ -169,7 +182,7 @@ def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
   """Sums for held-out loss and exact match (every masked target is the argmax); for
   preference pairs also the sums of the pair metrics, and exact match on the chosen answers."""
   if not objective.pairs:
-    stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef, loss_chunk=loss_chunk)
+    stats = _loss_and_stats(params, frozen, batch, graphdef=graphdef, loss_chunk=loss_chunk)[0]
     has_target = stats['row_tokens'] > 0
     exact = has_target & (stats['row_correct'] == stats['row_tokens'])
     return dict(loss_sum=stats['loss_sum'], tokens=stats['tokens'],

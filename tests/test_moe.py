@@ -89,34 +89,123 @@ def test_moe_config_json_is_read_and_written_back():
     assert again == cfg and cfg.num_experts == 4, case
 
 
+@pytest.mark.parametrize('case', ['qwen3_moe', 'mixtral'])
+def test_router_losses_and_gradients_match_transformers(case, hf_checkpoints):
+  """With padding in the batch: our SFT loss with router_aux_loss_coef equals transformers'
+  loss with output_router_logits (cross-entropy + coef x load balancing over unpadded tokens),
+  its router and attention gradients equal theirs, and the logged z-loss is the mean squared
+  logsumexp of their router logits; the z-loss coefficient adds exactly coef x z."""
+  from flax import nnx
+
+  from ftjax import objectives
+  from ftjax import step as step_lib
+
+  folder, _ = hf_checkpoints(case)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+  hf.router_aux_loss_coef = coef = 0.05
+  valid = np.ones(TOKENS.shape, bool)
+  valid[1, 40:] = False  # right padding in the second row
+  labels = np.where(valid, TOKENS, -100)
+  out = hf(torch.tensor(TOKENS), attention_mask=torch.tensor(valid.astype(np.int64)),
+           labels=torch.tensor(labels), output_router_logits=True)
+  out.loss.backward()
+  loss_theirs, aux_theirs = float(out.loss.detach()), float(out.aux_loss.detach())
+  valid_flat = torch.tensor(valid.reshape(-1))
+  z_theirs = float(torch.cat([torch.logsumexp(r[valid_flat].detach().float(), -1) ** 2
+                              for r in out.router_logits]).mean())
+
+  model = ftjax.load_pretrained(folder, dtype='float32')
+  graphdef, params = nnx.split(model)
+  batch = dict(tokens=jnp.asarray(TOKENS), positions=jnp.broadcast_to(jnp.arange(48), (2, 48)),
+               segment_ids=jnp.asarray(valid.astype(np.int32)),
+               targets=jnp.asarray(np.roll(TOKENS, -1, axis=1)),
+               loss_mask=jnp.asarray(np.roll(labels, -1, axis=1) >= 0).at[:, -1].set(False))
+
+  def ours(aux_coef, z_coef):
+    options = objectives.Options(router_aux_loss_coef=aux_coef, router_z_loss_coef=z_coef)
+    grads, loss_sum, metrics = step_lib.loss_grads(params, nnx.State({}), batch,
+                                                   graphdef=graphdef, objective=options)
+    tokens = float(jnp.sum(batch['loss_mask']))
+    return float(loss_sum) / tokens, jax.tree.map(lambda g: np.asarray(g) / tokens, grads), metrics
+
+  loss, grads, metrics = ours(coef, 0.0)
+  print(f'{case}: loss {loss:.6f} vs {loss_theirs:.6f}, aux {float(metrics["router_aux_loss"]):.6f}'
+        f' vs {aux_theirs:.6f}, z {float(metrics["router_z_loss"]):.6f} vs {z_theirs:.6f}')
+  np.testing.assert_allclose(float(metrics['router_aux_loss']), aux_theirs, rtol=1e-5)
+  np.testing.assert_allclose(loss, loss_theirs, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['router_z_loss']), z_theirs, rtol=1e-5)
+  assert aux_theirs > 1.0 + 1e-3  # unbalanced enough that the term is not constant
+  for i, layer in enumerate(hf.model.layers):
+    mlp = layer.mlp if hasattr(layer, 'mlp') else layer.block_sparse_moe
+    theirs = {'router': mlp.gate.weight.grad.numpy().T,
+              'q': layer.self_attn.q_proj.weight.grad.numpy().T}
+    mine = {'router': grads['blocks']['mlp']['router'].get_value()[i],
+            'q': grads['blocks']['attn']['q']['w'].get_value()[i].reshape(theirs['q'].shape)}
+    for name in theirs:
+      np.testing.assert_allclose(mine[name], theirs[name], atol=2e-5 * np.abs(theirs[name]).max(),
+                                 err_msg=f'{case} layer {i} {name}')
+  with_z = ours(coef, 0.3)[0]
+  np.testing.assert_allclose(with_z - loss, 0.3 * float(metrics['router_z_loss']), rtol=1e-4)
+
+
 MOE_ARCH = llama.Config(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=128, rope_theta=10_000.0, num_experts=8,
                         num_experts_per_tok=2, moe_mlp_dim=32, norm_topk_prob=False)
 
 
-def _moe_setup(shape, devices):
+def _moe_setup(shape, devices, lora_options=None):
   from test_sharding import OPTIM
 
+  from ftjax import objectives
+
+  # Both router losses weigh in, so their statistics (summed over every token) are checked too.
   return trainer_lib.setup(arch=MOE_ARCH, model_options={}, mesh_shape=shape,
                            rules_name='fsdp_tp', optim_kwargs=OPTIM, grad_accum=1, global_batch=8,
-                           seed=0, devices=devices)
+                           seed=0, devices=devices, lora_options=lora_options,
+                           objective=objectives.Options(router_aux_loss_coef=0.1,
+                                                        router_z_loss_coef=0.01))
 
 
-@pytest.mark.parametrize('shape', [(1, 2, 4, 1)] + [pytest.param(s, marks=pytest.mark.slow)
-                                                    for s in ((1, 1, 8, 1), (2, 1, 2, 2),
-                                                              (1, 8, 1))])
-def test_expert_parallel_step_equals_single_device(shape, addition_data):
+def _logits(trainer, tokens):
+  from flax import nnx
+
+  with sharding.use(trainer.mesh, trainer.rules):
+    return np.asarray(jax.jit(lambda p, f, t: nnx.merge(trainer.graphdef, p, f)(t))(
+        trainer.state.params, trainer.frozen, tokens))
+
+
+@pytest.mark.parametrize('shape,rank', [((1, 2, 4, 1), 0), ((1, 2, 4, 1), 4)] + [
+    pytest.param(s, r, marks=pytest.mark.slow)
+    for s, r in (((1, 1, 8, 1), 0), ((2, 1, 2, 2), 0), ((2, 1, 2, 2), 4), ((1, 8, 1), 0))])
+def test_expert_parallel_step_equals_single_device(shape, rank, addition_data):
   """On 8 devices, with the experts split over the `expert` mesh axis (with fsdp, alone, with
-  data and tensor) or over fsdp only: the same gradients, loss and one AdamW step as on one."""
+  data and tensor) or over fsdp only, fully or with LoRA on the experts: the same logits,
+  gradients, loss and one AdamW step as on one device. With an expert axis the tokens travel
+  by all-to-all and no device holds every expert."""
   from test_sharding import _batch, _grads_and_step, assert_same_step
 
+  from ftjax import data, lora
+
+  options = lora.Options(rank=rank, alpha=8.0) if rank else None
   local = _batch(addition_data)
-  ref = _grads_and_step(_moe_setup((1, 1, 1), jax.devices()[:1]), local)
-  trainer = _moe_setup(shape, jax.devices())
-  experts = trainer.state.params['blocks']['mlp']['gate']['w'].get_value()
-  held = experts.addressable_shards[0].data.shape
+  single = _moe_setup((1, 1, 1), jax.devices()[:1], options)
+  want = _logits(single, local['tokens'])
+  ref = _grads_and_step(single, local)  # (the steps donate the state: logits and HLO first)
+  trainer = _moe_setup(shape, jax.devices(), options)
+  experts = (trainer.frozen if rank else trainer.state.params)['blocks']['mlp']['gate']
+  held = (experts['base'] if rank else experts)['w'].get_value().addressable_shards[0].data.shape
   assert held[1] * held[2] < MOE_ARCH.num_experts * MOE_ARCH.embed_dim  # no device holds all
-  assert_same_step(_grads_and_step(trainer, local), ref)
+  np.testing.assert_allclose(_logits(trainer, local['tokens']), want, atol=1e-5)
+  if len(shape) == 4:
+    batch = data.to_global(local, trainer.batch_sharding)
+    with sharding.use(trainer.mesh, trainer.rules):
+      hlo = trainer.train_step.lower(trainer.state, trainer.frozen, batch,
+                                     trainer.ref).compile().as_text()
+    assert 'all-to-all' in hlo
+  got = _grads_and_step(trainer, local)
+  assert got[2]['router_aux_loss'] == pytest.approx(ref[2]['router_aux_loss'], rel=1e-6)
+  assert got[2]['router_z_loss'] == pytest.approx(ref[2]['router_z_loss'], rel=1e-6)
+  assert_same_step(got, ref)
 
 
 def test_lora_on_experts_trains_adapters_only_and_merges_exactly(tmp_path, hf_checkpoints,

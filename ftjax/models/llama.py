@@ -165,12 +165,16 @@ class Block(nnx.Module):
 
   def __call__(self, x: Float[Array, 'B T D'], rope, positions, segment_ids, window,
                key=None) -> Float[Array, 'B T D']:
+    """The block's output and, for a mixture of experts, its router statistics (else None)."""
     keys = attention.split_keys(key, 2)
     y = self.attn(self.attn_norm(x), rope, positions, segment_ids, window, key=keys[0])
     x = x + (self.attn_post_norm(y) if self.post_norms else y)
-    y = self.mlp(self.mlp_norm(x), key=keys[1])
+    if isinstance(self.mlp, moe.MoeMlp):  # padding (segment 0) is left out of the statistics
+      y, router = self.mlp.routed(self.mlp_norm(x), segment_ids != 0)
+    else:
+      y, router = self.mlp(self.mlp_norm(x), key=keys[1]), None
     x = x + (self.mlp_post_norm(y) if self.post_norms else y)
-    return sharding.constrain(x, ('batch', 'seq', 'embed'))
+    return sharding.constrain(x, ('batch', 'seq', 'embed')), router
 
   def decode(self, x: Float[Array, 'B T D'], rope, positions, key_positions, window, k_cache,
              v_cache, start, prefill=False):
@@ -242,6 +246,18 @@ class Llama(nnx.Module):
       dropout_key: jax.Array | None = None,
   ) -> Float[Array, 'B T D']:
     """Final-norm hidden states: everything but the LM head (which a chunked loss applies)."""
+    return self.hidden_and_aux(tokens, positions, segment_ids, dropout_key=dropout_key)[0]
+
+  def hidden_and_aux(
+      self,
+      tokens: Int[Array, 'B T'],
+      positions: Int[Array, 'B T'] | None = None,
+      segment_ids: Int[Array, 'B T'] | None = None,
+      *,
+      dropout_key: jax.Array | None = None,
+  ) -> tuple[Float[Array, 'B T D'], dict[str, jax.Array]]:
+    """`hidden` and the model's auxiliary losses: a mixture of experts' `moe.router_losses`
+    over all layers and unpadded tokens; none (`{}`) for a dense model."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -260,10 +276,10 @@ class Llama(nnx.Module):
       layer = nnx.remat(layer, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False)
     layer_keys = jax.random.split(
         jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
-    x = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry,
-                 transform_metadata={nnx.PARTITION_NAME: 'layers'})(
-                     self.blocks, x, jnp.asarray(is_global), layer_keys)
-    return self.final_norm(x)
+    x, router = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                         transform_metadata={nnx.PARTITION_NAME: 'layers'})(
+                             self.blocks, x, jnp.asarray(is_global), layer_keys)
+    return self.final_norm(x), ({} if router is None else moe.router_losses(router))
 
   def _layer_rope(self, positions: Int[Array, 'B T'], all_global: bool, global_window: int):
     """`layer_is_global -> (rope sin/cos, window)` for one scanned layer."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 from ftjax import sharding
@@ -56,6 +57,12 @@ def _tile_rows(a: jax.Array, first: jax.Array, count: jax.Array, tile: int) -> j
   return jnp.where((jnp.arange(tile) < count)[:, None], rows, 0)
 
 
+def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
+  """Zeros that vary over the same `shard_map` axes as `like` (a scan carry keeps its type):
+  `zeros_like` carries its argument's type, and a sum carries the union."""
+  return sum((jnp.zeros_like(a, dtype, shape=shape) for a in like), jnp.zeros(shape, dtype))
+
+
 def _scan_matmul(x: jax.Array, w: jax.Array, tiles: tuple[jax.Array, ...]) -> jax.Array:
   """The grouped matmul over the `_tiles` of x's groups, one tile per scan step."""
   tile, n = CPU_TILE, x.shape[0]
@@ -68,7 +75,8 @@ def _scan_matmul(x: jax.Array, w: jax.Array, tiles: tuple[jax.Array, ...]) -> ja
     keep = (jnp.arange(tile) < count[t])[:, None]
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, cur), first[t], 0), None
 
-  out, _ = jax.lax.scan(body, jnp.zeros((n + tile, w.shape[2]), x.dtype), jnp.arange(len(group)))
+  out, _ = jax.lax.scan(body, _zeros((n + tile, w.shape[2]), x.dtype, x, w, *tiles),
+                        jnp.arange(len(group)))
   return out[:n]
 
 
@@ -94,7 +102,7 @@ def _tiled_bwd(res, dy):
                @ _tile_rows(dypad, first[t], count[t], tile))
     return dw.at[group[t]].add(contrib.astype(dw.dtype)), None
 
-  dw, _ = jax.lax.scan(body, jnp.zeros_like(w), jnp.arange(len(group)))
+  dw, _ = jax.lax.scan(body, _zeros(w.shape, w.dtype, x, w, dy, *tiles), jnp.arange(len(group)))
   return dx, dw, None
 
 
@@ -127,11 +135,18 @@ class MoeMlp(nnx.Module):
     self.gate = Grouped((e, d, f), ('embed', 'mlp'), **kw)  # the experts' SwiGLU projections
     self.up = Grouped((e, d, f), ('embed', 'mlp'), **kw)
     self.down = Grouped((e, f, d), ('mlp', 'embed'), **kw)
-    self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_experts
+    self.top_k, self.num_experts, self.mlp_dim = cfg.num_experts_per_tok, e, f
     self.norm_topk_prob = cfg.norm_topk_prob
 
   def __call__(self, x: Float[Array, 'B T D'], key=None) -> Float[Array, 'B T D']:
     del key  # no dropout in the experts
+    return self.routed(x)[0]
+
+  def routed(self, x: Float[Array, 'B T D'], mask: jax.Array | None = None
+             ) -> tuple[Float[Array, 'B T D'], dict[str, jax.Array]]:
+    """The block's output and its router statistics over the tokens where `mask` (`[B, T]`,
+    default all) is set: per expert the top-k assignments and the summed probabilities, the
+    summed squared log-partition of the router logits, and the token count (`router_losses`)."""
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
     logits = flat.astype(jnp.float32) @ self.router.get_value().astype(jnp.float32)  # N E
@@ -139,12 +154,134 @@ class MoeMlp(nnx.Module):
     weights, chosen = jax.lax.top_k(probs, self.top_k)  # N K
     if self.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    slots = chosen.reshape(-1)  # N*K (token-major)
-    order = jnp.argsort(slots, stable=True)
-    group_sizes = jnp.bincount(slots, length=self.num_experts).astype(jnp.int32)
-    xs = jnp.take(flat, order // self.top_k, axis=0)
-    hidden = jax.nn.silu(self.gate(xs, group_sizes)) * self.up(xs, group_sizes)
-    routed = self.down(hidden, group_sizes)
-    unsorted = jnp.zeros_like(routed).at[order].set(routed).reshape(b * t, self.top_k, d)
-    y = jnp.einsum('NKD,NK->ND', unsorted.astype(jnp.float32), weights).astype(x.dtype)
-    return sharding.constrain(y.reshape(b, t, d), ('batch', 'seq', 'embed'))
+    y = self._experts(flat, chosen, weights).astype(x.dtype)
+    valid = (jnp.ones((b * t,), jnp.float32) if mask is None
+             else mask.reshape(b * t).astype(jnp.float32))
+    stats = dict(
+        assigned=jnp.zeros((self.num_experts,), jnp.float32).at[chosen.reshape(-1)].add(
+            jnp.repeat(valid, self.top_k)),
+        probs=valid @ probs,
+        z=valid @ jnp.square(jax.nn.logsumexp(logits, axis=-1)),
+        tokens=jnp.sum(valid))
+    return sharding.constrain(y.reshape(b, t, d), ('batch', 'seq', 'embed')), stats
+
+
+  def _experts(self, flat: Float[Array, 'N D'], chosen: jax.Array, weights: jax.Array
+               ) -> Float[Array, 'N D']:
+    """The routed tokens through their experts, combined with their routing weights (float32).
+
+    On a mesh with an `expert` axis that splits the experts, each device runs only its own
+    experts (`_exchanged`): tokens travel to them and back by all-to-all. Otherwise (one
+    device, or experts split like any weight) `_local` runs them all under GSPMD."""
+    experts = (self.gate, self.up, self.down)
+    up_shape = jax.ShapeDtypeStruct((self.num_experts, flat.shape[1], self.mlp_dim), flat.dtype)
+    mesh, specs = sharding.shard_map_specs(
+        [(flat, ('batch', None)), (up_shape, ('expert', None, 'mlp'))])
+    if mesh is None or mesh.shape['expert'] == 1 or specs[1][0] != 'expert':
+      return _local(experts, flat, chosen, weights, self.num_experts)
+    graphdef, state = nnx.split(experts)
+    state_specs = jax.tree.map(
+        lambda v: _expert_spec(v, specs[1][2]), state,
+        is_leaf=lambda v: isinstance(v, nnx.Variable))
+    tensor = specs[1][2]  # the mesh axes the experts' mlp dim is split over (partial sums)
+    rows = specs[0]
+
+    every = _axes(rows) | _axes(specs[1])
+
+    def local(state, flat, chosen, weights):
+      # Tokens and weights typed as varying over every axis the other varies over, so that the
+      # grouped matmul's own backward pass returns gradients of their types (the sums over the
+      # rest are the transposes of these casts).
+      state = jax.tree.map(lambda sp, v: jax.tree.map(lambda a: _vary(a, every - _axes(sp)), v),
+                           state_specs, state, is_leaf=lambda sp: isinstance(sp, P))
+      y = _exchanged(nnx.merge(graphdef, state), _vary(flat, every - _axes(rows)), chosen,
+                     weights, self.num_experts, mesh.shape['expert'])
+      return y if tensor is None else jax.lax.psum(y, tensor)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(state_specs, rows, rows, rows),
+                         out_specs=rows)(state, flat, chosen, weights)
+
+
+def _axes(spec: P) -> set[str]:
+  """The mesh axes a PartitionSpec splits over."""
+  return {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
+def _vary(x: jax.Array, axes: set[str]) -> jax.Array:
+  return jax.lax.pcast(x, tuple(sorted(axes)), to='varying') if axes else x
+
+
+def _expert_spec(variable: nnx.Variable, tensor) -> P:
+  """Inside expert parallelism, an expert weight (or adapter) is split only over `expert` (its
+  first axis) and, on its 'mlp' dim, over `tensor`: its embed dim is gathered from fsdp."""
+  names = sharding.logical_names(variable)
+  return P(*(('expert' if n == 'expert' else tensor if n == 'mlp' else None) for n in names))
+
+
+def _swiglu(experts, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  gate, up, down = experts
+  return down(jax.nn.silu(gate(xs, group_sizes)) * up(xs, group_sizes), group_sizes)
+
+
+def _local(experts, flat: Float[Array, 'N D'], chosen: jax.Array, weights: jax.Array,
+           num_experts: int) -> Float[Array, 'N D']:
+  """Every expert on this device: the (token, expert) pairs sorted by expert, one grouped
+  matmul per projection, unsorted and summed with the routing weights."""
+  n, k = chosen.shape
+  slots = chosen.reshape(-1)  # N*K (token-major)
+  order = jnp.argsort(slots, stable=True)
+  group_sizes = jnp.bincount(slots, length=num_experts).astype(jnp.int32)
+  routed = _swiglu(experts, jnp.take(flat, order // k, axis=0), group_sizes)
+  unsorted = jnp.zeros_like(routed).at[order].set(routed).reshape(n, k, -1)
+  return jnp.einsum('NKD,NK->ND', unsorted.astype(jnp.float32), weights)
+
+
+def _exchanged(experts, flat: Float[Array, 'N D'], chosen: jax.Array, weights: jax.Array,
+               num_experts: int, ep: int) -> Float[Array, 'N D']:
+  """`_local` on one device of the `expert` mesh axis (inside `shard_map`), which holds experts
+  `[i*E/ep, (i+1)*E/ep)` of the layer and its own tokens.
+
+  Each (token, expert) pair is sent to the device of its expert, into a buffer of one slot per
+  pair this device has (`[ep, N*K, D]`: room for every pair to go to one device, so none is
+  dropped), with the per-expert counts; each device sorts what it received by expert, runs its
+  experts in one grouped matmul per projection and sends the rows back to the slots they came
+  from, where they are combined as in `_local`.
+  """
+  n, k = chosen.shape
+  size, local_experts = n * k, num_experts // ep
+  slots = chosen.reshape(-1)
+  order = jnp.argsort(slots, stable=True)  # pairs by expert, so by destination device too
+  dest = slots[order] // local_experts
+  counts = jnp.bincount(slots, length=num_experts).reshape(ep, local_experts)
+  sent = jnp.sum(counts, axis=1)
+  rank = jnp.arange(size) - (jnp.cumsum(sent) - sent)[dest]  # slot in the destination's buffer
+  send = jnp.zeros((ep, size, flat.shape[1]), flat.dtype).at[dest, rank].set(
+      jnp.take(flat, order // k, axis=0))
+  recv = jax.lax.all_to_all(send, 'expert', 0, 0)  # [source, slot, D]
+  recv_counts = jax.lax.all_to_all(counts, 'expert', 0, 0)  # [source, local expert]
+  # Each source's rows come sorted by expert: the local expert of slot r, or past the last.
+  ends = jnp.cumsum(recv_counts, axis=1)
+  expert = jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(size), side='right'))(ends)
+  regroup = jnp.argsort(expert.reshape(-1), stable=True)
+  valid = (expert.reshape(-1) < local_experts)[regroup][:, None]
+  group_sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)
+  out = jnp.where(valid, _swiglu(experts, recv.reshape(ep * size, -1)[regroup], group_sizes), 0)
+  back = jnp.zeros_like(out).at[regroup].set(out).reshape(ep, size, -1)
+  returned = jax.lax.all_to_all(back, 'expert', 0, 0)[dest, rank]  # in `order`
+  unsorted = jnp.zeros_like(returned).at[order].set(returned).reshape(n, k, -1)
+  return jnp.einsum('NKD,NK->ND', unsorted.astype(jnp.float32), weights)
+
+
+def router_losses(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The auxiliary losses of `MoeMlp.routed` statistics stacked over layers (`[L, ...]`):
+
+  - `router_aux_loss`, Switch Transformer's load balancing as `transformers` computes it for
+    Qwen3-MoE and Mixtral: E * sum_e f_e p_e, with f_e the share of top-k assignments and p_e
+    the mean router probability of expert e, both over every layer's (unmasked) tokens;
+  - `router_z_loss`, ST-MoE's: the mean over layers and tokens of logsumexp(router logits)^2.
+  """
+  tokens = jnp.maximum(jnp.sum(stats['tokens']), 1.0)
+  assigned = jnp.sum(stats['assigned'], axis=0) / tokens
+  probs = jnp.sum(stats['probs'], axis=0) / tokens
+  return dict(router_aux_loss=assigned.shape[0] * jnp.sum(assigned * probs),
+              router_z_loss=jnp.sum(stats['z']) / tokens)
