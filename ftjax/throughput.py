@@ -47,11 +47,13 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 def matmul_params(arch: Any) -> int:
   """Weights each token's matmuls use: attention, MLP and LM head (tied or not). In a mixture of
   experts that is the router and the `num_experts_per_tok` experts a token is routed to (the
-  active parameters), not every expert."""
+  active parameters) and any shared expert, not every expert."""
   d, n, k, h, f = arch.embed_dim, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.mlp_dim
   mlp = 3 * d * f
   if getattr(arch, 'num_experts', 0):
     mlp = arch.num_experts_per_tok * 3 * d * arch.moe_mlp_dim + d * arch.num_experts
+    if getattr(arch, 'shared_expert_dim', 0):  # and a shared expert with its gate
+      mlp += 3 * d * arch.shared_expert_dim + d
   per_layer = 2 * d * n * h + 2 * d * k * h + mlp
   return arch.num_layers * per_layer + arch.vocab_size * d
 

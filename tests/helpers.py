@@ -96,8 +96,11 @@ CASES = {
     'qwen3_moe_norm': ('qwen3_moe', dict(num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=48, norm_topk_prob=True)),
     'mixtral': ('mixtral', dict(num_local_experts=4, num_experts_per_tok=2)),
+    'qwen2_moe': ('qwen2_moe', dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    shared_expert_intermediate_size=80, norm_topk_prob=False,
+                                    decoder_sparse_step=1, mlp_only_layers=[])),
 }
-ROUTERS = ('mlp.gate.weight', 'block_sparse_moe.gate.weight')
+ROUTERS = ('mlp.gate.weight', 'block_sparse_moe.gate.weight', 'mlp.shared_expert_gate.weight')
 
 
 def make_hf(case: str, folder: str, max_shard_size: str = '5GB', **overrides):

@@ -1,5 +1,6 @@
-"""Mixture-of-experts models (Qwen3-MoE, Mixtral): logits and greedy tokens equal transformers',
-routing is dropless, export round-trips, and expert-parallel meshes equal one device."""
+"""Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE, Mixtral): logits and greedy tokens equal
+transformers', routing is dropless, export round-trips, router losses equal transformers', and
+expert-parallel meshes equal one device."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from ftjax import trainer as trainer_lib
 from ftjax.models import llama
 
 TOKENS = np.random.default_rng(0).integers(0, 160, size=(2, 48))
-MOE = ('qwen3_moe', 'qwen3_moe_norm', 'mixtral')
+MOE = ('qwen3_moe', 'qwen3_moe_norm', 'mixtral', 'qwen2_moe')
 
 
 def _routed(hf, tokens):
@@ -69,7 +70,7 @@ def test_routing_is_dropless_when_every_token_picks_one_expert(tmp_path):
                              atol=1e-4)
 
 
-@pytest.mark.parametrize('case', ['qwen3_moe', 'mixtral'])
+@pytest.mark.parametrize('case', ['qwen3_moe', 'mixtral', 'qwen2_moe'])
 def test_export_round_trip_loads_in_transformers(case, tmp_path, hf_checkpoints):
   folder, hf = hf_checkpoints(case)
   model = ftjax.load_pretrained(folder, dtype='float32')
@@ -89,7 +90,8 @@ def test_moe_config_json_is_read_and_written_back():
     assert again == cfg and cfg.num_experts == 4, case
 
 
-@pytest.mark.parametrize('case', ['qwen3_moe', 'mixtral'])
+@pytest.mark.parametrize('case', ['qwen3_moe'] + [pytest.param(c, marks=pytest.mark.slow)
+                                                  for c in ('mixtral', 'qwen2_moe')])
 def test_router_losses_and_gradients_match_transformers(case, hf_checkpoints):
   """With padding in the batch: our SFT loss with router_aux_loss_coef equals transformers'
   loss with output_router_logits (cross-entropy + coef x load balancing over unpadded tokens),
@@ -148,6 +150,30 @@ def test_router_losses_and_gradients_match_transformers(case, hf_checkpoints):
   np.testing.assert_allclose(with_z - loss, 0.3 * float(metrics['router_z_loss']), rtol=1e-4)
 
 
+def test_lora_on_a_shared_expert_merges_into_an_export_transformers_reads(tmp_path,
+                                                                         hf_checkpoints):
+  """Qwen2-MoE: 'all-linear' adapts the routed experts and the shared expert (not its sigmoid
+  gate, nor the router); trained adapters merge into an export whose logits transformers
+  reproduces."""
+  from ftjax import lora
+
+  folder, _ = hf_checkpoints('qwen2_moe')
+  model = ftjax.load_pretrained(folder, dtype='float32')
+  chosen = lora.apply(model, rank=4, alpha=8.0, targets='all-linear')
+  assert {'blocks.mlp.shared.gate', 'blocks.mlp.shared.up', 'blocks.mlp.shared.down',
+          'blocks.mlp.gate'} <= set(chosen)
+  assert not any('router' in p or 'shared_gate' in p for p in chosen)
+  key = jax.random.key(2)
+  for node in lora.adapters(model).values():
+    key, sub = jax.random.split(key)
+    node.b.set_value(0.1 * jax.random.normal(sub, node.b.shape))
+  tuned = np.asarray(model(jnp.asarray(TOKENS)))
+  lora.merge(model)
+  ftjax.save_pretrained(model, str(tmp_path / 'merged'), dtype='float32')
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'merged')).eval()
+  np.testing.assert_allclose(hf_logits(back, TOKENS), tuned, atol=2e-5)
+
+
 MOE_ARCH = llama.Config(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=128, rope_theta=10_000.0, num_experts=8,
                         num_experts_per_tok=2, moe_mlp_dim=32, norm_topk_prob=False)
@@ -167,16 +193,19 @@ def _moe_setup(shape, devices, lora_options=None):
 
 
 def _logits(trainer, tokens):
+  """The model's logits on `tokens` and the compiled forward pass's HLO text."""
   from flax import nnx
 
+  args = trainer.state.params, trainer.frozen, jnp.asarray(tokens)
   with sharding.use(trainer.mesh, trainer.rules):
-    return np.asarray(jax.jit(lambda p, f, t: nnx.merge(trainer.graphdef, p, f)(t))(
-        trainer.state.params, trainer.frozen, tokens))
+    forward = jax.jit(lambda p, f, t: nnx.merge(trainer.graphdef, p, f)(t)).lower(*args).compile()
+    return np.asarray(forward(*args)), forward.as_text()
 
 
-@pytest.mark.parametrize('shape,rank', [((1, 2, 4, 1), 0), ((1, 2, 4, 1), 4)] + [
+@pytest.mark.parametrize('shape,rank', [((1, 2, 4, 1), 0)] + [
     pytest.param(s, r, marks=pytest.mark.slow)
-    for s, r in (((1, 1, 8, 1), 0), ((2, 1, 2, 2), 0), ((2, 1, 2, 2), 4), ((1, 8, 1), 0))])
+    for s, r in (((1, 2, 4, 1), 4), ((1, 1, 8, 1), 0), ((2, 1, 2, 2), 0), ((2, 1, 2, 2), 4),
+                 ((1, 8, 1), 0))])
 def test_expert_parallel_step_equals_single_device(shape, rank, addition_data):
   """On 8 devices, with the experts split over the `expert` mesh axis (with fsdp, alone, with
   data and tensor) or over fsdp only, fully or with LoRA on the experts: the same logits,
@@ -184,23 +213,20 @@ def test_expert_parallel_step_equals_single_device(shape, rank, addition_data):
   by all-to-all and no device holds every expert."""
   from test_sharding import _batch, _grads_and_step, assert_same_step
 
-  from ftjax import data, lora
+  from ftjax import lora
 
   options = lora.Options(rank=rank, alpha=8.0) if rank else None
   local = _batch(addition_data)
   single = _moe_setup((1, 1, 1), jax.devices()[:1], options)
-  want = _logits(single, local['tokens'])
+  want = _logits(single, local['tokens'])[0]
   ref = _grads_and_step(single, local)  # (the steps donate the state: logits and HLO first)
   trainer = _moe_setup(shape, jax.devices(), options)
   experts = (trainer.frozen if rank else trainer.state.params)['blocks']['mlp']['gate']
   held = (experts['base'] if rank else experts)['w'].get_value().addressable_shards[0].data.shape
   assert held[1] * held[2] < MOE_ARCH.num_experts * MOE_ARCH.embed_dim  # no device holds all
-  np.testing.assert_allclose(_logits(trainer, local['tokens']), want, atol=1e-5)
-  if len(shape) == 4:
-    batch = data.to_global(local, trainer.batch_sharding)
-    with sharding.use(trainer.mesh, trainer.rules):
-      hlo = trainer.train_step.lower(trainer.state, trainer.frozen, batch,
-                                     trainer.ref).compile().as_text()
+  logits, hlo = _logits(trainer, local['tokens'])
+  np.testing.assert_allclose(logits, want, atol=1e-5)
+  if len(shape) == 4:  # the tokens travel to the experts' devices
     assert 'all-to-all' in hlo
   got = _grads_and_step(trainer, local)
   assert got[2]['router_aux_loss'] == pytest.approx(ref[2]['router_aux_loss'], rel=1e-6)

@@ -1,5 +1,5 @@
 """Llama-family decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3, and the
-mixtures of experts Qwen3-MoE and Mixtral (their MLP is `moe.MoeMlp`).
+mixtures of experts Qwen3-MoE, Qwen2-MoE and Mixtral (their MLP is `moe.MoeMlp`).
 
 These families share one block structure; `Config` flags switch on what differs (q/k/v and
 output biases, q/k norm, sliding-window layers, Gemma's (1+w) norms, GeGLU, embedding scaling,
@@ -59,12 +59,16 @@ class Config:
   global_every: int = 0  # with sliding_window: every N-th layer is global; 0 = none is
   rope_local_theta: float = 0.0  # Gemma 3: rope base of sliding layers; 0 = rope_theta
   rope_linear_factor: float = 1.0  # linear rope scaling (positions / factor) of global layers
-  # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is `num_experts` SwiGLU experts
-  # of width `moe_mlp_dim`, `num_experts_per_tok` per token; 0 = a dense MLP of `mlp_dim`.
+  # Mixture of experts (Qwen3-MoE, Qwen2-MoE, Mixtral): every layer's MLP is `num_experts`
+  # SwiGLU experts of width `moe_mlp_dim`, `num_experts_per_tok` per token; 0 = a dense MLP of
+  # `mlp_dim`.
   num_experts: int = 0
   num_experts_per_tok: int = 2
   moe_mlp_dim: int = 0
   norm_topk_prob: bool = True  # renormalise the top-k router probabilities (Mixtral: always)
+  # Qwen2-MoE: one more SwiGLU expert of this width that every token goes through, scaled by a
+  # sigmoid gate of its own; 0 = none.
+  shared_expert_dim: int = 0
 
   def is_global(self, layer: int) -> bool:
     """Whether `layer` attends to the whole context (else to `sliding_window` positions)."""
@@ -84,6 +88,8 @@ class Config:
       raise ValueError(f'num_experts={self.num_experts}: needs 0 < num_experts_per_tok='
                        f'{self.num_experts_per_tok} <= num_experts, moe_mlp_dim='
                        f'{self.moe_mlp_dim} > 0 and SwiGLU experts')
+    if self.shared_expert_dim and not self.num_experts:
+      raise ValueError(f'shared_expert_dim={self.shared_expert_dim} needs num_experts > 0')
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(
           f'mlp_activation={self.mlp_activation!r}; expected one of {list(ACTIVATIONS)}')
@@ -361,11 +367,17 @@ Model = Llama
 KVCache = attention.KVCache
 # Short names users write in `lora.targets` -> module paths in `Model`.
 LORA_TARGETS = {'q': 'attn.q', 'k': 'attn.k', 'v': 'attn.v', 'o': 'attn.o',
-                'gate': 'mlp.gate', 'up': 'mlp.up', 'down': 'mlp.down'}
+                'gate': 'mlp.gate', 'up': 'mlp.up', 'down': 'mlp.down',
+                # Qwen2-MoE's shared expert (the routed experts are gate, up, down)
+                'shared_gate': 'mlp.shared.gate', 'shared_up': 'mlp.shared.up',
+                'shared_down': 'mlp.shared.down'}
 # Module path -> the Hugging Face module name in a PEFT adapter (layer prefix added by peft_io).
 PEFT_MODULES = {'attn.q': 'self_attn.q_proj', 'attn.k': 'self_attn.k_proj',
                 'attn.v': 'self_attn.v_proj', 'attn.o': 'self_attn.o_proj',
-                'mlp.gate': 'mlp.gate_proj', 'mlp.up': 'mlp.up_proj', 'mlp.down': 'mlp.down_proj'}
+                'mlp.gate': 'mlp.gate_proj', 'mlp.up': 'mlp.up_proj', 'mlp.down': 'mlp.down_proj',
+                'mlp.shared.gate': 'mlp.shared_expert.gate_proj',
+                'mlp.shared.up': 'mlp.shared_expert.up_proj',
+                'mlp.shared.down': 'mlp.shared_expert.down_proj'}
 HF_MODEL_TYPES = llama_hf.MODEL_TYPES
 config_to_hf = llama_hf.config_to_hf
 hf_tensors = llama_hf.tensor_map

@@ -1,9 +1,9 @@
 """The Llama family's Hugging Face form: config.json <-> `llama.Config` fields, and its tensor map.
 
-Nine checkpoint types share the Llama block structure (llama, mistral, qwen2, qwen3, gemma,
-gemma2, gemma3_text, and the mixtures of experts qwen3_moe and mixtral); what differs between
-them is read from, and written back to, config.json here. `tensor_map` says which Hugging Face
-tensor each ftjax parameter is, and how it is laid out.
+Ten checkpoint types share the Llama block structure (llama, mistral, qwen2, qwen3, gemma,
+gemma2, gemma3_text, and the mixtures of experts qwen3_moe, qwen2_moe and mixtral); what
+differs between them is read from, and written back to, config.json here. `tensor_map` says
+which Hugging Face tensor each ftjax parameter is, and how it is laid out.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from ftjax.errors import CheckpointError
 from ftjax.hf.tensors import Tensor
 
 MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text',
-               'qwen3_moe', 'mixtral')
+               'qwen3_moe', 'qwen2_moe', 'mixtral')
+MOE_TYPES = ('qwen3_moe', 'qwen2_moe', 'mixtral')
 
 
 def _rope(hf: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   # attention_bias puts biases on q, k, v and o alike. Mistral has no such option.
   if family in ('qwen2', 'llama'):
     del changes_the_math['attention_bias']
-  if family == 'qwen3_moe':
+  if family in ('qwen3_moe', 'qwen2_moe'):
     # Dense layers between sparse ones (decoder_sparse_step > 1, mlp_only_layers) are not built.
     changes_the_math.update(decoder_sparse_step=1)
     if hf.get('mlp_only_layers'):
@@ -99,7 +100,9 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
       tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)),
       init_std=float(hf.get('initializer_range', 0.02)),
       mlp_activation=act,
-      qkv_bias=family == 'qwen2' or llama_bias, o_bias=llama_bias,
+      qkv_bias=(family == 'qwen2' or llama_bias
+                or (family == 'qwen2_moe' and bool(hf.get('qkv_bias', True)))),
+      o_bias=llama_bias,
       qk_norm=family in ('qwen3', 'gemma3_text', 'qwen3_moe'),
       norm_plus_one=gemma, embed_scale=gemma,
       post_norms=family in ('gemma2', 'gemma3_text'),
@@ -107,13 +110,15 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
       final_softcap=float(hf.get('final_logit_softcapping') or 0.0),
       query_scale=float(hf.get('query_pre_attn_scalar') or 0.0),
   )
-  if family in ('qwen3_moe', 'mixtral'):
+  if family in MOE_TYPES:
+    qwen = family != 'mixtral'
     fields.update(
         num_experts=int(hf.get('num_experts') or hf['num_local_experts']),
         num_experts_per_tok=int(hf['num_experts_per_tok']),
-        moe_mlp_dim=int(hf['moe_intermediate_size'] if family == 'qwen3_moe'
-                        else hf['intermediate_size']),
-        norm_topk_prob=bool(hf.get('norm_topk_prob', False)) if family == 'qwen3_moe' else True)
+        moe_mlp_dim=int(hf['moe_intermediate_size'] if qwen else hf['intermediate_size']),
+        norm_topk_prob=bool(hf.get('norm_topk_prob', False)) if qwen else True)
+  if family == 'qwen2_moe':
+    fields['shared_expert_dim'] = int(hf['shared_expert_intermediate_size'])
   rope_kind = 'full_attention' if family == 'gemma3_text' else None
   rope = _rope(hf, rope_kind)
   fields.update({f'rope_{k}' if k != 'theta' else 'rope_theta': v for k, v in rope.items()
@@ -123,7 +128,7 @@ def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   if 'original_max_len' in rope:
     fields['rope_original_max_len'] = rope['original_max_len']
   window = hf.get('sliding_window') or 0
-  if family in ('qwen2', 'qwen3', 'llama', 'qwen3_moe'):
+  if family in ('qwen2', 'qwen3', 'llama', 'qwen3_moe', 'qwen2_moe'):
     window = 0  # only used with use_sliding_window, refused above
   if window:
     fields['sliding_window'] = int(window)
@@ -146,10 +151,14 @@ def config_to_hf(cfg: Any, dtype: str) -> dict[str, Any]:
   arch = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
           'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'gemma': 'GemmaForCausalLM',
           'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM',
-          'qwen3_moe': 'Qwen3MoeForCausalLM', 'mixtral': 'MixtralForCausalLM'}[cfg.family]
-  if bool(cfg.num_experts) != (cfg.family in ('qwen3_moe', 'mixtral')):
+          'qwen3_moe': 'Qwen3MoeForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM',
+          'mixtral': 'MixtralForCausalLM'}[cfg.family]
+  if bool(cfg.num_experts) != (cfg.family in MOE_TYPES):
     raise ValueError(f'family={cfg.family!r} with num_experts={cfg.num_experts} has no Hugging '
-                     'Face form: only qwen3_moe and mixtral are mixtures of experts')
+                     f'Face form: only {", ".join(MOE_TYPES)} are mixtures of experts')
+  if bool(cfg.shared_expert_dim) != (cfg.family == 'qwen2_moe'):
+    raise ValueError(f'family={cfg.family!r} with shared_expert_dim={cfg.shared_expert_dim} has '
+                     'no Hugging Face form: qwen2_moe, and only it, has a shared expert')
   if cfg.family == 'mixtral' and not cfg.norm_topk_prob:
     raise ValueError('mixtral always renormalises its top-k router weights (norm_topk_prob)')
   rope: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
@@ -186,10 +195,12 @@ def config_to_hf(cfg: Any, dtype: str) -> dict[str, Any]:
     hf['sliding_window'] = cfg.sliding_window or None
   if cfg.num_experts:
     hf.update(num_experts_per_tok=cfg.num_experts_per_tok)
-  if cfg.family == 'qwen3_moe':
+  if cfg.family in ('qwen3_moe', 'qwen2_moe'):
     hf.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_mlp_dim,
               norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
               use_sliding_window=False)
+  if cfg.family == 'qwen2_moe':
+    hf.update(shared_expert_intermediate_size=cfg.shared_expert_dim, qkv_bias=cfg.qkv_bias)
   if cfg.family == 'mixtral':
     hf.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_mlp_dim)
   if cfg.family in ('gemma2', 'gemma3_text'):
@@ -238,6 +249,11 @@ def tensor_map(cfg: Any) -> dict[tuple[str, ...], Tensor]:
       m[('blocks', 'mlp', name, 'w')] = Tensor(layer + f'mlp.{name}_proj.weight', 'transpose')
   if cfg.num_experts:
     m[('blocks', 'mlp', 'router')] = Tensor(moe + 'gate.weight', 'transpose')
+  if cfg.shared_expert_dim:  # Qwen2-MoE
+    for name in ('gate', 'up', 'down'):
+      m[('blocks', 'mlp', 'shared', name, 'w')] = Tensor(
+          moe + f'shared_expert.{name}_proj.weight', 'transpose')
+    m[('blocks', 'mlp', 'shared_gate')] = Tensor(moe + 'shared_expert_gate.weight', 'transpose')
   if cfg.post_norms:
     m[('blocks', 'attn_post_norm', 'scale')] = Tensor(layer + 'post_attention_layernorm.weight',
                                                        'same')

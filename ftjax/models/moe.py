@@ -1,5 +1,5 @@
-"""Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): a top-k router and stacked SwiGLU experts,
-computed dropless with grouped matmuls.
+"""Sparse mixture-of-experts MLP (Qwen3-MoE, Qwen2-MoE, Mixtral): a top-k router and stacked
+SwiGLU experts, computed dropless with grouped matmuls, and Qwen2-MoE's gated shared expert.
 
 Every token's k (token, expert) pairs are sorted by expert, each expert's contiguous group goes
 through its own weights in one `jax.lax.ragged_dot`, and the results are unsorted and summed
@@ -136,6 +136,13 @@ class MoeMlp(nnx.Module):
     self.up = Grouped((e, d, f), ('embed', 'mlp'), **kw)
     self.down = Grouped((e, f, d), ('mlp', 'embed'), **kw)
     self.top_k, self.num_experts, self.mlp_dim = cfg.num_experts_per_tok, e, f
+    self.has_shared = bool(cfg.shared_expert_dim)
+    if self.has_shared:  # Qwen2-MoE: a dense expert for every token, with a sigmoid gate
+      s = cfg.shared_expert_dim
+      self.shared = SharedExpert(d, s, rngs=rngs, init_std=cfg.init_std, dtype=dtype,
+                                 param_dtype=param_dtype)
+      self.shared_gate = layers.param(rngs, jax.nn.initializers.normal(cfg.init_std), (d, 1),
+                                      ('embed', None), param_dtype)
     self.norm_topk_prob = cfg.norm_topk_prob
 
   def __call__(self, x: Float[Array, 'B T D'], key=None) -> Float[Array, 'B T D']:
@@ -154,7 +161,12 @@ class MoeMlp(nnx.Module):
     weights, chosen = jax.lax.top_k(probs, self.top_k)  # N K
     if self.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    y = self._experts(flat, chosen, weights).astype(x.dtype)
+    y = self._experts(flat, chosen, weights)
+    if self.has_shared:
+      gate = jax.nn.sigmoid(flat.astype(jnp.float32)
+                            @ self.shared_gate.get_value().astype(jnp.float32))
+      y = y + gate * self.shared(x).reshape(b * t, d).astype(jnp.float32)
+    y = y.astype(x.dtype)
     valid = (jnp.ones((b * t,), jnp.float32) if mask is None
              else mask.reshape(b * t).astype(jnp.float32))
     stats = dict(
@@ -200,6 +212,19 @@ class MoeMlp(nnx.Module):
 
     return jax.shard_map(local, mesh=mesh, in_specs=(state_specs, rows, rows, rows),
                          out_specs=rows)(state, flat, chosen, weights)
+
+
+class SharedExpert(nnx.Module):
+  """Qwen2-MoE's shared expert: a SwiGLU MLP every token goes through."""
+
+  def __init__(self, d: int, f: int, *, rngs: nnx.Rngs, init_std: float, dtype, param_dtype):
+    kw = dict(rngs=rngs, init_std=init_std, dtype=dtype, param_dtype=param_dtype)
+    self.gate = layers.Einsum('BTD,DF->BTF', (d, f), ('embed', 'mlp'), **kw)
+    self.up = layers.Einsum('BTD,DF->BTF', (d, f), ('embed', 'mlp'), **kw)
+    self.down = layers.Einsum('BTF,FD->BTD', (f, d), ('mlp', 'embed'), **kw)
+
+  def __call__(self, x: Float[Array, 'B T D']) -> Float[Array, 'B T D']:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
 def _axes(spec: P) -> set[str]:
@@ -276,8 +301,9 @@ def router_losses(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """The auxiliary losses of `MoeMlp.routed` statistics stacked over layers (`[L, ...]`):
 
   - `router_aux_loss`, Switch Transformer's load balancing as `transformers` computes it for
-    Qwen3-MoE and Mixtral: E * sum_e f_e p_e, with f_e the share of top-k assignments and p_e
-    the mean router probability of expert e, both over every layer's (unmasked) tokens;
+    Qwen3-MoE, Qwen2-MoE and Mixtral: E * sum_e f_e p_e, with f_e the share of top-k
+    assignments and p_e the mean router probability of expert e, both over every layer's
+    (unmasked) tokens;
   - `router_z_loss`, ST-MoE's: the mean over layers and tokens of logsumexp(router logits)^2.
   """
   tokens = jnp.maximum(jnp.sum(stats['tokens']), 1.0)
