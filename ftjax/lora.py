@@ -185,12 +185,13 @@ class LoRAGrouped(nnx.Module):
   `a` is `[(L,) E, in, r]` and `b` `[(L,) E, r, out]`, on the base's 'expert' axis, so they
   shard with it. Plain LoRA and rsLoRA; no DoRA or adapter dropout on experts."""
 
-  def __init__(self, base: moe.Grouped, *, rank: int, alpha: float, use_rslora: bool,
-               rngs: nnx.Rngs):
-    kernel = base.w
+  def __init__(self, base: moe.Grouped | quantize.QuantizedGrouped, *, rank: int, alpha: float,
+               use_rslora: bool, rngs: nnx.Rngs):
+    quantized = isinstance(base, quantize.QuantizedGrouped)  # QLoRA: float32 adapters
+    kernel = base.q if quantized else base.w
     names = tuple(kernel.get_metadata().get('out_sharding') or (None,) * kernel.ndim)
     lead, (n_in, n_out) = kernel.shape[:-2], kernel.shape[-2:]
-    dtype = kernel.get_value().dtype
+    dtype = jnp.float32 if quantized else kernel.get_value().dtype
     self.base, self.rank, self.alpha, self.use_rslora = base, rank, alpha, use_rslora
     self.scale = alpha / (rank**0.5 if use_rslora else rank)
     bound = 1.0 / n_in**0.5  # as LoRAEinsum (PEFT's Kaiming-uniform a, zero b)
@@ -206,7 +207,9 @@ class LoRAGrouped(nnx.Module):
                                    self.b.get_value().astype(jnp.float32))
 
   def merged_weight(self) -> jax.Array:
-    return self.base.w.get_value().astype(jnp.float32) + self.delta()
+    base = (self.base.weight() if isinstance(self.base, quantize.QuantizedGrouped)
+            else self.base.w.get_value().astype(jnp.float32))
+    return base + self.delta()
 
   def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     y = self.base(x, group_sizes)
@@ -222,7 +225,8 @@ def _paths(model: nnx.Module) -> dict[str, tuple[Any, str, layers.Einsum]]:
   mixture of experts' grouped projection) in the model."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, (layers.Einsum, quantize.QuantizedEinsum, moe.Grouped)) and path:
+    if isinstance(node, (layers.Einsum, quantize.QuantizedEinsum, moe.Grouped,
+                         quantize.QuantizedGrouped)) and path:
       parent = model
       for key in path[:-1]:
         parent = getattr(parent, key) if not isinstance(key, int) else parent[key]
@@ -243,7 +247,7 @@ def apply(model: nnx.Module, *, rank: int, alpha: float, targets: Any, use_rslor
   rngs = nnx.Rngs(seed)
   for path in chosen:
     parent, attr, base = modules[path]
-    if isinstance(base, moe.Grouped):
+    if isinstance(base, (moe.Grouped, quantize.QuantizedGrouped)):
       if use_dora or dropout:
         raise ValueError(f'lora: {path} is a mixture of experts\' projection; DoRA and adapter '
                          'dropout are not built for experts (set lora.use_dora=False, '

@@ -2,8 +2,10 @@
 
 `apply` replaces the Einsums of the transformer blocks by `QuantizedEinsum`s that store the
 weight as integers plus one float32 scale per block of `block` values along the first input
-(contracted) axis, and dequantize on the fly inside the matmul. The integers live in `Quantized`
-variables, which are never trainable, so they stay in the frozen part of the train state.
+(contracted) axis, and dequantize on the fly inside the matmul; a mixture of experts' stacked
+expert projections become `QuantizedGrouped`s the same way (blocks along each expert's input
+axis). The integers live in `Quantized` variables, which are never trainable, so they stay in
+the frozen part of the train state.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax.models import layers
+from ftjax.models import layers, moe
 
 BITS = {'int8': 8, 'int4': 4}
 _DTYPES = {8: jnp.int8, 4: jnp.int4}
@@ -20,6 +22,16 @@ _DTYPES = {8: jnp.int8, 4: jnp.int4}
 
 class Quantized(nnx.Variable):
   """Integer weights (or their scales) of a frozen, quantized layer."""
+
+
+def _quantize(w: jax.Array, axis: int, bits: int, block: int) -> tuple[jax.Array, jax.Array]:
+  """Integers and float32 scales (one per `block` values along `axis`, axis size divisible)."""
+  blocked = w.reshape(*w.shape[:axis], w.shape[axis] // block, block, *w.shape[axis + 1:])
+  levels = 2 ** (bits - 1) - 1
+  scale = jnp.max(jnp.abs(blocked), axis=axis + 1, keepdims=True) / levels
+  scale = jnp.where(scale == 0, 1.0, scale)
+  q = jnp.clip(jnp.round(blocked / scale), -levels, levels).astype(_DTYPES[bits])
+  return q.reshape(w.shape), jnp.squeeze(scale, axis + 1)
 
 
 class QuantizedEinsum(nnx.Module):
@@ -34,14 +46,9 @@ class QuantizedEinsum(nnx.Module):
     self.axis = next(i for i, c in enumerate(w_letters) if c in x)  # within the weight letters
     size = weight.shape[self.lead + self.axis]
     self.block = block if size % block == 0 else size
-    levels = 2 ** (bits - 1) - 1
-    blocked = self._blocked(weight.astype(jnp.float32))
-    scale = jnp.max(jnp.abs(blocked), axis=self.lead + self.axis + 1, keepdims=True) / levels
-    scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.clip(jnp.round(blocked / scale), -levels, levels).astype(_DTYPES[bits])
-    self.q = Quantized(q.reshape(weight.shape), out_sharding=names, eager_sharding=False)
-    self.scale = Quantized(jnp.squeeze(scale, self.lead + self.axis + 1), out_sharding=names,
-                           eager_sharding=False)
+    q, scale = _quantize(weight.astype(jnp.float32), self.lead + self.axis, bits, self.block)
+    self.q = Quantized(q, out_sharding=names, eager_sharding=False)
+    self.scale = Quantized(scale, out_sharding=names, eager_sharding=False)
 
   def _blocked(self, w: jax.Array, lead: int | None = None) -> jax.Array:
     lead = self.lead if lead is None else lead
@@ -61,17 +68,45 @@ class QuantizedEinsum(nnx.Module):
     return layers.project(self.eqn, x.astype(self.dtype), self.weight().astype(self.dtype))
 
 
+class QuantizedGrouped(nnx.Module):
+  """`moe.Grouped` with integer expert weights `[(L,) E, in, out]`, dequantized per block of
+  `block` input rows of each expert in the grouped matmul."""
+
+  def __init__(self, base: moe.Grouped, *, bits: int, block: int):
+    weight = base.w.get_value()
+    names = tuple(base.w.get_metadata().get('out_sharding') or (None,) * weight.ndim)
+    self.dtype = base.dtype
+    size = weight.shape[-2]
+    self.block = block if size % block == 0 else size
+    q, scale = _quantize(weight.astype(jnp.float32), weight.ndim - 2, bits, self.block)
+    self.q = Quantized(q, out_sharding=names, eager_sharding=False)
+    self.scale = Quantized(scale, out_sharding=names, eager_sharding=False)
+
+  def weight(self) -> jax.Array:
+    """The dequantized weight (float32), stacked or per layer as currently held."""
+    q = self.q.get_value()
+    *lead, size, out = q.shape
+    blocked = q.astype(jnp.float32).reshape(*lead, size // self.block, self.block, out)
+    return (blocked * self.scale.get_value()[..., None, :]).reshape(q.shape)
+
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return moe.grouped_matmul(x.astype(self.dtype), self.weight().astype(self.dtype),
+                              group_sizes)
+
+
 def apply(model: nnx.Module, kind: str, *, block: int = 64) -> list[str]:
-  """Quantizes every Einsum inside the transformer blocks; returns their paths."""
+  """Quantizes every Einsum (and expert projection) inside the transformer blocks; returns
+  their paths."""
   if kind not in BITS:
     raise ValueError(f'lora.quantize_base={kind!r}; expected one of {list(BITS)} or None')
-  done = []
+  done, bits = [], BITS[kind]
+  block = block if bits == 4 else 1 << 30  # int8: one scale per output column
   for path, node in list(nnx.iter_graph(model)):
-    if isinstance(node, layers.Einsum) and path and path[0] == 'blocks':
+    if isinstance(node, (layers.Einsum, moe.Grouped)) and path and path[0] == 'blocks':
       parent = model
       for key in path[:-1]:
         parent = getattr(parent, key)
-      setattr(parent, path[-1], QuantizedEinsum(node, bits=BITS[kind],
-                                                block=block if BITS[kind] == 4 else 1 << 30))
+      kind_of = QuantizedEinsum if isinstance(node, layers.Einsum) else QuantizedGrouped
+      setattr(parent, path[-1], kind_of(node, bits=bits, block=block))
       done.append('.'.join(map(str, path)))
   return done
