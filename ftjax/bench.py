@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import resource
 import statistics
 import time
 from typing import Any
@@ -48,6 +49,20 @@ def memory(compiled: Any) -> dict[str, int]:
   # Donated arguments that are aliased to outputs occupy their buffer once.
   out['total'] = out['arguments'] + out['outputs'] + out['temporaries'] - out['aliased']
   return out
+
+
+def calibrate(config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """`ftjax bench --calibrate`: the matmul peak of this machine measured again (in the config's
+  compute dtype, float32 without one) and cached for every later run; its record."""
+  dtype = cfg_lib.DTYPES[config.model.dtype] if config is not None else np.float32
+  p = throughput.peak(dtype=dtype, recalibrate=True)
+  return dict(peak_tflops_per_device=p.flops_per_s / 1e12, peak_source=p.source,
+              **(p.provenance or {}), cache=throughput.cache_path())
+
+
+def _process_peak_rss() -> int:
+  """This process's peak resident memory in bytes (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _device_peak_bytes() -> int | None:
@@ -144,9 +159,15 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       xla_tflops_per_step=float(cost.get('flops', 0.0)) * n_devices / 1e12,
       peak_tflops_per_device=peak.flops_per_s / 1e12,
       peak_source=peak.source,
+      peak=dict(peak.provenance or {}, flops_per_s=peak.flops_per_s),
       params=trainable + sharding.count_params(trainer.frozen),
       trainable_params=trainable,
-      peak_memory_bytes=dict(compiled=memory(compiled)['total'], measured=_device_peak_bytes()),
+      # XLA's account of the step's buffers, the device's own peak where it reports one (GPU,
+      # TPU), and this process's peak resident memory (on CPU: all of it, weights loaded,
+      # compile-time memory and host copies included).
+      peak_memory_bytes=dict(compiled=memory(compiled)['total'], measured=_device_peak_bytes(),
+                             process_rss=_process_peak_rss()),
+      memory_analysis=memory(compiled),
       device_kind=jax.devices()[0].device_kind,
       num_devices=n_devices,
       mesh=dict(trainer.mesh.shape),

@@ -29,6 +29,7 @@ commands:
           data audit --config X [--source FILE] [--out DIR] [--strict]   (what the data is)
   checkpoint bench --config X     (blocking vs total time of an async checkpoint save)
   bench   time the real train step: ftjax bench --config X [--steps N]  (tokens/s, MFU, memory)
+          ftjax bench --calibrate   (measure and cache this machine's matmul peak again)
   plan    compile the train step for a TPU slice from this machine and say if it fits:
           ftjax plan --config X --topology v5p-64
   launch  --local N --devices-per-process M -- ftjax train ...   (N processes on this machine)
@@ -114,6 +115,9 @@ def _bench_flags(fv: flags.FlagValues) -> None:
   cli.config_flag(fv)
   flags.DEFINE_integer('steps', 10, 'Train steps to time (after 2 warm-up steps).',
                        flag_values=fv)
+  flags.DEFINE_bool('calibrate', False, 'Measure the matmul peak FLOP/s of this machine again '
+                    '(CPUs and devices not in the table), cache it and print its record; no '
+                    '--config needed.', flag_values=fv)
 
 
 def _plan_flags(fv: flags.FlagValues) -> None:
@@ -357,8 +361,12 @@ def _bench(fv: flags.FlagValues, argv: list[str]) -> None:
   from ftjax import bench
   from ftjax.config import ConfigError
 
+  if fv.calibrate and len(argv) == 1:
+    print(json.dumps(bench.calibrate(fv.config)))
+    return
   if len(argv) > 1 or fv.config is None:
-    cli.fail('usage: ftjax bench --config configs/X.py [--steps N] [--config.KEY=VALUE ...]')
+    cli.fail('usage: ftjax bench --config configs/X.py [--steps N] [--config.KEY=VALUE ...] | '
+             'ftjax bench --calibrate [--config configs/X.py]')
   try:
     result = bench.run(fv.config, steps=fv.steps)
   except ConfigError as e:

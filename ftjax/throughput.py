@@ -13,12 +13,18 @@ docs/performance.md for a worked example):
              in sliding-window layers; packed rows count each segment separately.
 
 Peak FLOP/s per device come from a table of known chips (dense bf16), or for CPUs and unknown
-devices from a short matmul calibration, and the result says which.
+devices from a matmul calibration (several sizes, repeated, the median), measured once per
+machine and cached with its record; the result says which, and how much the samples spread.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
+import os
+import platform as platform_lib
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 # Dense bf16 peak FLOP/s per JAX device, matched against `device.device_kind` (first match wins,
 # so longer names come first). TPU v4 and v5p devices are megacore chips (one device per chip).
@@ -118,36 +125,137 @@ def train_flops(arch: Any, *, tokens: float, lengths: Sequence[int] | np.ndarray
 class Peak:
   flops_per_s: float  # per device
   source: str  # where the figure comes from, said in every report
+  # A measured peak's record (`calibrate`): the samples, their spread, when and where.
+  provenance: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
 
-def _calibrate(dtype, size: int = 2048, reps: int = 5) -> float:
-  """Best-of-`reps` FLOP/s of one jitted square matmul on the default device."""
-  a = b = jax.jit(lambda: jnp.ones((size, size), dtype))()  # made on the device: no transfer
+CALIBRATION_SIZES = (1024, 1536, 2048)
+
+
+def _square_matmul(dtype, size: int, min_s: float):
+  """A function timing one round of `size` x `size` matmuls lasting at least `min_s`: its FLOP/s."""
+  a = jax.jit(lambda: jnp.ones((size, size), dtype))()  # made on the device: no transfer
   dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(reps):
+  dot(a, a).block_until_ready()  # compile and warm up
+  start = time.perf_counter()
+  dot(a, a).block_until_ready()
+  calls = max(1, int(np.ceil(min_s / max(time.perf_counter() - start, 1e-9))))
+
+  def one_round() -> float:
     start = time.perf_counter()
-    dot(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * size**3 / best
+    for _ in range(calls):
+      out = dot(a, a)
+    out.block_until_ready()
+    return 2.0 * size**3 * calls / (time.perf_counter() - start)
+
+  return one_round
+
+
+def calibrate(dtype=jnp.float32, *, sizes: Sequence[int] = CALIBRATION_SIZES, rounds: int = 15,
+              min_s: float = 0.05) -> dict[str, Any]:
+  """The matmul rate of the default device: for each size, the best of `rounds` timings of at
+  least `min_s` (on a shared machine noise only ever slows a timing down), the sizes taking turns
+  so that a burst of load elsewhere hits them alike; the figure is the median of those over
+  sizes, and `spread` the range of every sample relative to it (how far one timing can be off
+  on this machine, said in every report)."""
+  device = jax.devices()[0]
+  timers = {int(s): _square_matmul(dtype, int(s), min_s) for s in sizes}
+  per_size = {s: [] for s in timers}
+  for _ in range(rounds):
+    for s, one_round in timers.items():
+      per_size[s].append(one_round())
+  best = [max(r) for r in per_size.values()]
+  samples = [x for r in per_size.values() for x in r]
+  figure = float(np.median(best))
+  return dict(flops_per_s=figure, dtype=jnp.dtype(dtype).name, sizes=list(per_size),
+              rounds=rounds, per_size_best=dict(zip(map(str, per_size), best, strict=True)),
+              min=min(samples), max=max(samples), spread=(max(samples) - min(samples)) / figure,
+              platform=device.platform, device_kind=device.device_kind,
+              measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+              jax=jax.__version__, machine=_machine())
+
+
+def _machine() -> str:
+  """This machine, as the calibration cache tells machines apart: host, CPU model, cores."""
+  model = ''
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                   '')
+  except OSError:
+    pass
+  return f'{socket.gethostname()} | {model or platform_lib.processor()} | {os.cpu_count()} cores'
+
+
+def cache_path() -> str:
+  """Where measured peaks are kept: $FTJAX_CACHE_DIR, else $XDG_CACHE_HOME/ftjax, else
+  ~/.cache/ftjax; the file is peak.json."""
+  root = os.environ.get('FTJAX_CACHE_DIR') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'ftjax')
+  return os.path.join(root, 'peak.json')
+
+
+def _read_cache() -> dict[str, Any]:
+  try:
+    with open(cache_path(), encoding='utf-8') as f:
+      cached = json.load(f)
+    return cached if isinstance(cached, dict) else {}
+  except (OSError, ValueError):
+    return {}  # none yet, or unreadable: measure again
+
+
+def _write_cache(key: str, record: dict[str, Any]) -> None:
+  """Adds `record` under `key`, atomically (parallel processes may calibrate at once)."""
+  path = cache_path()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cached = _read_cache()
+    cached[key] = record
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(cached, f, indent=1)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning('could not cache the measured peak in %s (%s): it is measured again next '
+                    'time', path, e)
+
+
+def _measured(record: dict[str, Any], cached: bool) -> Peak:
+  where = f', cached in {cache_path()} (ftjax bench --calibrate measures again)' if cached else ''
+  sizes = '/'.join(map(str, record['sizes']))
+  return Peak(record['flops_per_s'],
+              f"measured: {record['dtype']} matmul on {record['platform']} "
+              f"({record['device_kind']}), median over sizes {sizes} of the best of "
+              f"{record['rounds']} rounds, "
+              f"samples {record['min'] / 1e9:.0f}-{record['max'] / 1e9:.0f} GFLOP/s "
+              f"(spread {100 * record['spread']:.0f}%), at {record['measured_at']}{where}; "
+              'not a datasheet figure', provenance=dict(record, cached=cached))
 
 
 _CALIBRATED: dict[str, Peak] = {}
 
 
-def peak(device: jax.Device | None = None, dtype=jnp.bfloat16) -> Peak:
-  """Peak FLOP/s of one device: the table's dense bf16 figure, else a measured matmul rate."""
+def peak(device: jax.Device | None = None, dtype=jnp.bfloat16, *,
+         recalibrate: bool = False) -> Peak:
+  """Peak FLOP/s of one device: the table's dense bf16 figure, else a measured matmul rate
+  (`calibrate`), kept per machine in `cache_path()` so that every run here divides by the same
+  figure; `recalibrate` (or FTJAX_RECALIBRATE=1) measures it again."""
   device = device or jax.devices()[0]
   kind = device.device_kind
   for name, flops in PEAK_FLOPS:
     if name.lower() in kind.lower():
       return Peak(flops, f'table: {name} dense bf16')
-  key = f'{kind}/{jnp.dtype(dtype).name}'
-  if key not in _CALIBRATED:
-    measured = _calibrate(dtype)
-    _CALIBRATED[key] = Peak(measured, f'measured: {jnp.dtype(dtype).name} 2048x2048 matmul on '
-                                      f'{device.platform} ({kind}), not a datasheet figure')
+  key = ' | '.join([device.platform, kind, jnp.dtype(dtype).name, f'{jax.device_count()} devices',
+                    f'jax {jax.__version__}', _machine()])
+  recalibrate = recalibrate or os.environ.get('FTJAX_RECALIBRATE') == '1'
+  if key not in _CALIBRATED or recalibrate:
+    record = None if recalibrate else _read_cache().get(key)
+    if record is None:
+      record = calibrate(dtype, sizes=CALIBRATION_SIZES)
+      _write_cache(key, record)
+      _CALIBRATED[key] = _measured(record, cached=False)
+    else:
+      _CALIBRATED[key] = _measured(record, cached=True)
   return _CALIBRATED[key]
 
 

@@ -21,6 +21,11 @@ if os.environ.get('FTJAX_TEST_COMPILE_CACHE', '1') != '0':
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+# The measured matmul peak (ftjax.throughput.peak): cached per session, never in the user's home.
+if not os.environ.get('FTJAX_CACHE_DIR'):
+  os.environ['FTJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='ftjax-test-cache-')
+  atexit.register(shutil.rmtree, os.environ['FTJAX_CACHE_DIR'], ignore_errors=True)
+
 import jax  # noqa: E402  (after the cache settings, which jax reads when imported)
 import pytest  # noqa: E402
 from helpers import (  # noqa: E402, F401

@@ -5,7 +5,7 @@ import os
 import sys
 
 import pytest
-from helpers import REPO, run_command
+from helpers import REPO, run_command, run_ftjax
 
 
 @pytest.mark.slow
@@ -44,3 +44,52 @@ def test_moe_vs_dense_benchmark_times_both_with_equal_active_parameters():
   assert summary['moe_tokens_per_s'] > 0 and summary['dense_tokens_per_s'] > 0
   assert summary['moe_vs_dense'] == summary['moe_tokens_per_s'] / summary['dense_tokens_per_s']
   assert set(summary['moe_compile_s']) == {'1', '2'}
+
+
+def test_gpu_suite_dry_run_prints_every_command_and_its_configs_resolve(monkeypatch):
+  """`benchmarks/gpu.sh --dry-run` runs nothing and prints each step: the CUDA install, the GPU
+  tests, and the three benchmarks, whose configs and overrides resolve as `ftjax bench` would
+  read them (the 8B shape fully and with LoRA r16, the 1B shape)."""
+  import shlex
+
+  from absl import flags
+
+  from ftjax import cli
+  from ftjax import config as config_lib
+  from ftjax import main as main_lib
+
+  results = os.path.join(REPO, 'benchmarks', 'results')
+  before = sorted(os.listdir(results)) if os.path.isdir(results) else []
+  out = run_command(['bash', 'benchmarks/gpu.sh', '--dry-run'], devices=None)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (sorted(os.listdir(results)) if os.path.isdir(results) else []) == before  # ran nothing
+  commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith('+ ')]
+  assert any('.[test,cuda]' in c for c in commands)
+  assert any(c[:3] == ['python', '-m', 'pytest'] and '-m' in c[3:] and 'gpu' in c for c in commands)
+  benches = [c for c in commands if c[:2] == ['ftjax', 'bench']]
+  shapes = []
+  for command in benches:
+    fv, argv = flags.FlagValues(), ['ftjax bench', *command[2:]]
+    main_lib._bench_flags(fv)
+    monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads overrides from sys.argv
+    cli.parse(fv, argv)
+    resolved = config_lib.resolve(fv.config, check_files=False)
+    arch = resolved.model.arch
+    shapes.append((arch.num_layers, arch.embed_dim, resolved.lora.rank if resolved.lora else 0,
+                   resolved.model.dtype, resolved.model.remat))
+  assert shapes == [(32, 4096, 0, 'bfloat16', 'full'), (32, 4096, 16, 'bfloat16', 'full'),
+                    (16, 2048, 0, 'bfloat16', 'full')]
+
+
+@pytest.mark.slow
+def test_gpu_summary_reads_a_real_bench_result(tmp_path):
+  out = run_ftjax('bench', '--config', 'configs/demo.py', '--steps', '2')
+  assert out.returncode == 0, out.stderr[-3000:]
+  (tmp_path / 'bench_demo.txt').write_text(out.stdout)
+  summary = run_command([sys.executable, 'benchmarks/gpu_summary.py', str(tmp_path)],
+                        devices=None)
+  assert summary.returncode == 0, summary.stderr[-3000:]
+  rows = json.loads((tmp_path / 'summary.json').read_text())
+  bench_result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert rows['demo']['tokens_per_s'] == bench_result['tokens_per_s']
+  assert 'tokens/s' in summary.stdout and 'MFU' in summary.stdout

@@ -1,8 +1,10 @@
 """Model FLOPs (by hand and against XLA's count), peak FLOP/s, and `ftjax bench`."""
 
 import json
+import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import run_ftjax
@@ -78,6 +80,50 @@ def test_peak_table_names_known_chips():
 
   p = throughput.peak(Fake())
   assert p.flops_per_s == 197e12 and p.source.startswith('table')
+
+
+def test_calibration_is_a_median_with_its_spread():
+  record = throughput.calibrate(jnp.float32, sizes=(128, 256), rounds=3, min_s=0.01)
+  assert record['sizes'] == [128, 256] and set(record['per_size_best']) == {'128', '256'}
+  assert 0 < record['min'] <= record['flops_per_s'] <= record['max']
+  assert record['spread'] == pytest.approx((record['max'] - record['min'])
+                                           / record['flops_per_s'])
+  assert record['platform'] == 'cpu' and record['dtype'] == 'float32' and record['machine']
+
+
+def test_measured_peak_is_cached_per_machine_with_its_record(tmp_path, monkeypatch):
+  """The first run measures and writes the cache; a later process (a fresh in-memory table)
+  reads the same figure back and says so; `recalibrate` measures again; a broken cache file is
+  measured over, never fatal."""
+  monkeypatch.setenv('FTJAX_CACHE_DIR', str(tmp_path))
+  monkeypatch.setattr(throughput, 'CALIBRATION_SIZES', (128, 256))
+  monkeypatch.setattr(throughput, '_CALIBRATED', {})
+  first = throughput.peak(dtype=jnp.float32)
+  assert first.provenance['cached'] is False and 'cached in' not in first.source
+  assert 'spread' in first.source and 'median over sizes 128/256 of the best of 15' in first.source
+  stored = json.loads((tmp_path / 'peak.json').read_text())
+  (record,) = stored.values()
+  assert record['flops_per_s'] == first.flops_per_s
+  monkeypatch.setattr(throughput, '_CALIBRATED', {})
+  again = throughput.peak(dtype=jnp.float32)
+  assert again.flops_per_s == first.flops_per_s and again.provenance['cached'] is True
+  assert str(tmp_path / 'peak.json') in again.source
+  fresh = throughput.peak(dtype=jnp.float32, recalibrate=True)
+  assert fresh.provenance['cached'] is False
+  assert json.loads((tmp_path / 'peak.json').read_text()) == {
+      next(iter(stored)): {k: v for k, v in fresh.provenance.items() if k != 'cached'}}
+  (tmp_path / 'peak.json').write_text('{not json')
+  monkeypatch.setattr(throughput, '_CALIBRATED', {})
+  assert throughput.peak(dtype=jnp.float32).provenance['cached'] is False
+
+
+def test_bench_calibrate_cli_prints_and_caches_the_record(tmp_path):
+  out = run_ftjax('bench', '--calibrate', env=dict(os.environ, FTJAX_CACHE_DIR=str(tmp_path)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.loads(out.stdout.strip().splitlines()[-1])
+  assert record['cache'] == str(tmp_path / 'peak.json') and (tmp_path / 'peak.json').exists()
+  assert record['sizes'] == list(throughput.CALIBRATION_SIZES) and record['rounds'] == 15
+  assert record['peak_tflops_per_device'] * 1e12 == record['flops_per_s'] > 0
 
 
 def _bench_cli(*overrides):
