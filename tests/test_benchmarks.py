@@ -93,3 +93,15 @@ def test_gpu_summary_reads_a_real_bench_result(tmp_path):
   bench_result = json.loads(out.stdout.strip().splitlines()[-1])
   assert rows['demo']['tokens_per_s'] == bench_result['tokens_per_s']
   assert 'tokens/s' in summary.stdout and 'MFU' in summary.stdout
+
+
+@pytest.mark.slow
+def test_lora_vs_full_benchmark_times_both():
+  out = run_command([sys.executable, 'benchmarks/lora_vs_full.py', '--seq_len', '32', '--batch',
+                     '2', '--steps', '1', '--rounds', '1', '--set', 'model.num_layers=1'],
+                    devices=None)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary['lora_vs_full'] == summary['lora_tokens_per_s'] / summary['full_tokens_per_s']
+  assert summary['full_mfu'] > 0 and summary['peak_gflops'] > 0
+  assert summary['overrides'] == ['model.num_layers=1']

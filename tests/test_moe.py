@@ -174,7 +174,7 @@ def test_lora_on_a_shared_expert_merges_into_an_export_transformers_reads(tmp_pa
   np.testing.assert_allclose(hf_logits(back, TOKENS), tuned, atol=2e-5)
 
 
-@pytest.mark.parametrize('kind', ['int8', 'int4'])
+@pytest.mark.parametrize('kind', ['int8', pytest.param('int4', marks=pytest.mark.slow)])
 def test_qlora_quantizes_the_experts_and_adapts_them(kind, hf_checkpoints):
   """`lora.quantize_base` turns the expert projections into integers with float32 block
   scales (the router stays float): logits stay close to the float model's, adapters on top

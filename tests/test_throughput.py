@@ -117,6 +117,7 @@ def test_measured_peak_is_cached_per_machine_with_its_record(tmp_path, monkeypat
   assert throughput.peak(dtype=jnp.float32).provenance['cached'] is False
 
 
+@pytest.mark.slow
 def test_bench_calibrate_cli_prints_and_caches_the_record(tmp_path):
   out = run_ftjax('bench', '--calibrate', env=dict(os.environ, FTJAX_CACHE_DIR=str(tmp_path)))
   assert out.returncode == 0, out.stderr[-3000:]
