@@ -177,7 +177,6 @@ class MoeMlp(nnx.Module):
         tokens=jnp.sum(valid))
     return sharding.constrain(y.reshape(b, t, d), ('batch', 'seq', 'embed')), stats
 
-
   def _experts(self, flat: Float[Array, 'N D'], chosen: jax.Array, weights: jax.Array
                ) -> Float[Array, 'N D']:
     """The routed tokens through their experts, combined with their routing weights (float32).
@@ -191,13 +190,10 @@ class MoeMlp(nnx.Module):
         [(flat, ('batch', None)), (up_shape, ('expert', None, 'mlp'))])
     if mesh is None or mesh.shape['expert'] == 1 or specs[1][0] != 'expert':
       return _local(experts, flat, chosen, weights, self.num_experts)
+    rows, tensor = specs[0], specs[1][2]  # tensor: the axes splitting the experts' mlp dim
     graphdef, state = nnx.split(experts)
-    state_specs = jax.tree.map(
-        lambda v: _expert_spec(v, specs[1][2]), state,
-        is_leaf=lambda v: isinstance(v, nnx.Variable))
-    tensor = specs[1][2]  # the mesh axes the experts' mlp dim is split over (partial sums)
-    rows = specs[0]
-
+    state_specs = jax.tree.map(lambda v: _expert_spec(v, tensor), state,
+                               is_leaf=lambda v: isinstance(v, nnx.Variable))
     every = _axes(rows) | _axes(specs[1])
 
     def local(state, flat, chosen, weights):
@@ -208,7 +204,7 @@ class MoeMlp(nnx.Module):
                            state_specs, state, is_leaf=lambda sp: isinstance(sp, P))
       y = _exchanged(nnx.merge(graphdef, state), _vary(flat, every - _axes(rows)), chosen,
                      weights, self.num_experts, mesh.shape['expert'])
-      return y if tensor is None else jax.lax.psum(y, tensor)
+      return y if tensor is None else jax.lax.psum(y, tensor)  # the mlp dim's partial sums
 
     return jax.shard_map(local, mesh=mesh, in_specs=(state_specs, rows, rows, rows),
                          out_specs=rows)(state, flat, chosen, weights)
