@@ -146,6 +146,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
   median = statistics.median(times)
   n_devices = trainer.mesh.size
   trainable = sharding.count_params(trainer.state.params)
+  buffers = memory(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return dict(
@@ -165,9 +166,9 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> 
       # XLA's account of the step's buffers, the device's own peak where it reports one (GPU,
       # TPU), and this process's peak resident memory (on CPU: all of it, weights loaded,
       # compile-time memory and host copies included).
-      peak_memory_bytes=dict(compiled=memory(compiled)['total'], measured=_device_peak_bytes(),
+      peak_memory_bytes=dict(compiled=buffers['total'], measured=_device_peak_bytes(),
                              process_rss=_process_peak_rss()),
-      memory_analysis=memory(compiled),
+      memory_analysis=buffers,
       device_kind=jax.devices()[0].device_kind,
       num_devices=n_devices,
       mesh=dict(trainer.mesh.shape),

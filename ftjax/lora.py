@@ -117,8 +117,6 @@ class LoRAEinsum(nnx.Module):
 
   def _base_weight(self) -> jax.Array:
     """The frozen base weight in float32 (dequantized for a quantized base)."""
-    if isinstance(self.base, layers.Einsum):
-      return self.base.w.get_value().astype(jnp.float32)
     return self.base.weight()
 
   def _input_axes(self, ndim: int) -> tuple[int, ...]:
@@ -207,9 +205,7 @@ class LoRAGrouped(nnx.Module):
                                    self.b.get_value().astype(jnp.float32))
 
   def merged_weight(self) -> jax.Array:
-    base = (self.base.weight() if isinstance(self.base, quantize.QuantizedGrouped)
-            else self.base.w.get_value().astype(jnp.float32))
-    return base + self.delta()
+    return self.base.weight() + self.delta()  # float32, dequantized for a QLoRA base
 
   def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     y = self.base(x, group_sizes)

@@ -34,6 +34,13 @@ def _quantize(w: jax.Array, axis: int, bits: int, block: int) -> tuple[jax.Array
   return q.reshape(w.shape), jnp.squeeze(scale, axis + 1)
 
 
+def _dequantize(q: jax.Array, scale: jax.Array, axis: int, block: int) -> jax.Array:
+  """The float32 weight of `_quantize`'s integers and scales."""
+  blocked = q.astype(jnp.float32).reshape(*q.shape[:axis], q.shape[axis] // block, block,
+                                          *q.shape[axis + 1:])
+  return (blocked * jnp.expand_dims(scale, axis + 1)).reshape(q.shape)
+
+
 class QuantizedEinsum(nnx.Module):
   """`Einsum` with an integer weight, dequantized as `q * scale` per block in the matmul."""
 
@@ -42,26 +49,19 @@ class QuantizedEinsum(nnx.Module):
     weight = base.w.get_value()
     names = tuple(base.w.get_metadata().get('out_sharding') or (None,) * weight.ndim)
     self.eqn, self.dtype = base.eqn, base.dtype
-    self.lead = weight.ndim - len(w_letters)
+    lead = weight.ndim - len(w_letters)
     self.axis = next(i for i, c in enumerate(w_letters) if c in x)  # within the weight letters
-    size = weight.shape[self.lead + self.axis]
+    size = weight.shape[lead + self.axis]
     self.block = block if size % block == 0 else size
-    q, scale = _quantize(weight.astype(jnp.float32), self.lead + self.axis, bits, self.block)
+    q, scale = _quantize(weight.astype(jnp.float32), lead + self.axis, bits, self.block)
     self.q = Quantized(q, out_sharding=names, eager_sharding=False)
     self.scale = Quantized(scale, out_sharding=names, eager_sharding=False)
-
-  def _blocked(self, w: jax.Array, lead: int | None = None) -> jax.Array:
-    lead = self.lead if lead is None else lead
-    a = lead + self.axis
-    return w.reshape(*w.shape[:a], w.shape[a] // self.block, self.block, *w.shape[a + 1:])
 
   def weight(self) -> jax.Array:
     """The dequantized weight (float32), stacked or per layer as currently held."""
     q = self.q.get_value()
     lead = q.ndim - len(layers.split_eqn(self.eqn)[1])
-    blocked = self._blocked(q.astype(jnp.float32), lead)
-    scale = jnp.expand_dims(self.scale.get_value(), lead + self.axis + 1)
-    return (blocked * scale).reshape(q.shape)
+    return _dequantize(q, self.scale.get_value(), lead + self.axis, self.block)
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     del key
@@ -85,9 +85,7 @@ class QuantizedGrouped(nnx.Module):
   def weight(self) -> jax.Array:
     """The dequantized weight (float32), stacked or per layer as currently held."""
     q = self.q.get_value()
-    *lead, size, out = q.shape
-    blocked = q.astype(jnp.float32).reshape(*lead, size // self.block, self.block, out)
-    return (blocked * self.scale.get_value()[..., None, :]).reshape(q.shape)
+    return _dequantize(q, self.scale.get_value(), q.ndim - 2, self.block)
 
   def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     return moe.grouped_matmul(x.astype(self.dtype), self.weight().astype(self.dtype),

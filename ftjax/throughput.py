@@ -247,7 +247,9 @@ def peak(device: jax.Device | None = None, dtype=jnp.bfloat16, *,
       return Peak(flops, f'table: {name} dense bf16')
   key = ' | '.join([device.platform, kind, jnp.dtype(dtype).name, f'{jax.device_count()} devices',
                     f'jax {jax.__version__}', _machine()])
-  recalibrate = recalibrate or os.environ.get('FTJAX_RECALIBRATE') == '1'
+  # FTJAX_RECALIBRATE: once per process, not at every call.
+  recalibrate = recalibrate or (key not in _CALIBRATED
+                                and os.environ.get('FTJAX_RECALIBRATE') == '1')
   if key not in _CALIBRATED or recalibrate:
     record = None if recalibrate else _read_cache().get(key)
     if record is None:

@@ -60,6 +60,10 @@ class Einsum(nnx.Module):
     self.dtype = dtype
     self.w = param(rngs, jax.nn.initializers.normal(init_std), shape, names, param_dtype)
 
+  def weight(self) -> jax.Array:
+    """The weight in float32 (as `quantize.QuantizedEinsum.weight` dequantizes)."""
+    return self.w.get_value().astype(jnp.float32)
+
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     del key  # no dropout in a plain projection; adapters wrapping it use the key
     return project(self.eqn, x.astype(self.dtype), self.w.get_value().astype(self.dtype))

@@ -119,6 +119,10 @@ class Grouped(nnx.Module):
                           param_dtype)
     self.dtype = dtype
 
+  def weight(self) -> jax.Array:
+    """The stacked weights in float32 (as `quantize.QuantizedGrouped.weight` dequantizes)."""
+    return self.w.get_value().astype(jnp.float32)
+
   def __call__(self, x: Float[Array, 'N I'], group_sizes: jax.Array) -> Float[Array, 'N O']:
     return grouped_matmul(x.astype(self.dtype), self.w.get_value().astype(self.dtype),
                           group_sizes)
