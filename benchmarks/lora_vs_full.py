@@ -1,11 +1,12 @@
 """LoRA against full fine-tuning of the same Llama shape, with `ftjax bench`'s own timing.
 
 The shape is issue 20's: hidden 512, 8 layers, 8 query / 4 kv heads, ffn 1408, vocab 8192,
-seq 256, batch 4, float32, AdamW. LoRA is rank 16 on every linear layer. The two are timed
-alternately (full, LoRA, full, LoRA, ...; `--rounds` each) in one process, and the last line is
-a JSON summary: both medians, their ratio (LoRA does about 0.72x the model FLOPs of a full
-step, so it should run at least 1.3x as fast), and the full step's MFU against this machine's
-measured matmul peak.
+seq 256, batch 4, float32, AdamW. LoRA is rank 16 on every linear layer. In each round both
+steps are compiled, then called alternately (full, LoRA, full, LoRA, ...; `bench.side_by_side`),
+so a busy moment of a shared machine slows both. Each round prints its ratio; the last line is
+a JSON summary: the medians, every round's ratio (LoRA does about 0.72x the model FLOPs of a
+full step, so it should run at least 1.3x as fast), and the full step's MFU against this
+machine's measured matmul peak.
 
   python benchmarks/lora_vs_full.py
   python benchmarks/lora_vs_full.py --rounds 3 --steps 5 --set model.loss_chunk=0
@@ -14,33 +15,21 @@ measured matmul peak.
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
 import json
 import statistics
 
-from configs import base
+from configs import bench_llama
 from ftjax import bench
 
-SHAPE = dict(vocab_size=8192, embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=4,
-             head_dim=64, mlp_dim=1408, rope_theta=10_000.0)
+SHAPE = bench_llama.SHAPE
 
 
 def config(args, *, lora: bool):
-  c = base.get_config()
-  c.model.update(preset='tiny', **SHAPE)
+  c = bench_llama.get_config()
   c.data.update(seq_len=args.seq_len, global_batch=args.batch)
-  c.mesh.shape = (1, 1, 1)
-  c.optim.update(lr=1e-4, weight_decay=0.0)
   if lora:
     c.lora.update(rank=16, alpha=32.0, targets='all-linear')
-  for item in args.set:  # section.key=value, as --config.section.key=value on the CLI
-    key, _, value = item.partition('=')
-    section, _, name = key.partition('.')
-    with contextlib.suppress(ValueError, SyntaxError):  # else the text itself
-      value = ast.literal_eval(value)
-    c[section][name] = value
-  return c
+  return bench.with_overrides(c, args.set)
 
 
 def main() -> None:
@@ -51,22 +40,24 @@ def main() -> None:
   p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--set', action='append', default=[], help='section.key=value (both runs)')
   args = p.parse_args()
-  runs: dict[str, list[dict]] = {'full': [], 'lora': []}
-  for _ in range(args.rounds):
-    for name in runs:
-      out = bench.run(config(args, lora=name == 'lora'), steps=args.steps)
-      runs[name].append(out)
-      print(name, f"{out['tokens_per_s']:.0f} tokens/s", f"MFU {100 * out['mfu']:.1f}%",
-            f"compile {out['compile_s']:.1f} s", flush=True)
-  tokens = {k: [r['tokens_per_s'] for r in v] for k, v in runs.items()}
-  full, lora = statistics.median(tokens['full']), statistics.median(tokens['lora'])
-  peak = runs['full'][-1]['peak']
+  rounds = []
+  for i in range(args.rounds):
+    out = bench.side_by_side({name: config(args, lora=name == 'lora') for name in ('full', 'lora')},
+                             steps=args.steps)
+    rounds.append(out)
+    print(f'round {i + 1}:', *(f"{k} {v['tokens_per_s']:.0f} tokens/s MFU {100 * v['mfu']:.1f}%"
+                              for k, v in out.items()),
+          f"LoRA/full {out['lora']['tokens_per_s'] / out['full']['tokens_per_s']:.2f}", flush=True)
+  tokens = {k: [r[k]['tokens_per_s'] for r in rounds] for k in ('full', 'lora')}
+  ratios = [r['lora']['tokens_per_s'] / r['full']['tokens_per_s'] for r in rounds]
+  peak = rounds[-1]['full']['peak']
   print(json.dumps(dict(
-      full_tokens_per_s=full, lora_tokens_per_s=lora, lora_vs_full=lora / full, runs=tokens,
-      full_mfu=statistics.median(r['mfu'] for r in runs['full']),
-      lora_mfu=statistics.median(r['mfu'] for r in runs['lora']),
+      full_tokens_per_s=statistics.median(tokens['full']),
+      lora_tokens_per_s=statistics.median(tokens['lora']), lora_vs_full=ratios, runs=tokens,
+      full_mfu=[r['full']['mfu'] for r in rounds], lora_mfu=[r['lora']['mfu'] for r in rounds],
       peak_gflops=peak['flops_per_s'] / 1e9, peak_spread=peak.get('spread'),
-      shape=dict(SHAPE, seq_len=args.seq_len, batch=args.batch), overrides=args.set)))
+      steps=args.steps, shape=dict(SHAPE, seq_len=args.seq_len, batch=args.batch),
+      overrides=args.set)))
 
 
 if __name__ == '__main__':

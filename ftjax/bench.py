@@ -6,7 +6,9 @@ figures are the model's and the mesh's, not the input pipeline's (`ftjax data be
 
 from __future__ import annotations
 
+import ast
 import collections
+import copy
 import dataclasses
 import resource
 import statistics
@@ -109,78 +111,131 @@ class _Timed:
       self.times.append(time.perf_counter() - start)
 
 
+def with_overrides(config: ml_collections.ConfigDict, overrides: list[str]
+                   ) -> ml_collections.ConfigDict:
+  """A copy of `config` with `section.key=value` items applied (values as Python literals, else
+  text), as `--config.section.key=value` would; an unknown key is a `ConfigError`."""
+  c = copy.deepcopy(config)
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    *path, name = key.split('.')
+    node = c
+    for part in path:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not sep or not path or not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise cfg_lib.ConfigError(f'{item!r}: expected section.key=value with a key of the config '
+                                '(e.g. lora.rank=16)')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    try:
+      node[name] = value
+    except TypeError as e:  # a ConfigDict keeps each key's type
+      raise cfg_lib.ConfigError(f'{item!r}: {e}') from None
+  return c
+
+
 def run(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
   """Times `steps` train steps after `warmup` ones; returns the figures `ftjax bench` prints.
 
   A preference objective's step is timed side by side (alternating calls) with the SFT step of
   the same model over the same batch: `vs_sft` gives both medians and their ratio.
   """
-  r, trainer = trainer_for(config)
-  arch, c_data, c_model = r.model.arch, r.data, r.model
-  pairs = r.objective.pairs
-  batch = synthetic_batch(c_data.global_batch, c_data.seq_len, arch.vocab_size,
-                          trainer.batch_sharding, seed=r.train.seed, pairs=pairs)
-  if r.objective.precompute_ref:  # the step reads the table's rows instead of a reference
-    batch = dict(batch, ref_logps=data.global_rows(
-        np.zeros((c_data.global_batch, 2), np.float32), trainer.batch_sharding))
-  rollouts = None
-  with sharding.use(trainer.mesh, trainer.rules):
-    if r.objective.rollouts:  # rows as a rollout leaves them: rewards, stored log-probs
-      rollouts = _rollout_bench(r, trainer, steps=max(steps // 2, 2))
-      batch = _rollout_batch(r, trainer, batch)
-    timed = [_Timed(trainer, batch)]
-    if pairs:
-      timed.append(_Timed(trainer_for(config, objective=objectives.SFT)[1], batch))
-    for i in range(warmup + steps):
-      for t in timed:
+  return side_by_side({'run': config}, steps=steps, warmup=warmup)['run']
+
+
+def side_by_side(configs: dict[str, ml_collections.ConfigDict], steps: int = 10,
+                 warmup: int = 2, others: dict[str, Any] | None = None
+                 ) -> dict[str, dict[str, Any]]:
+  """`run` for several configs at once: every step is compiled first, then they are called
+  alternately (a, b, a, b, ...), so each sees the same machine; a busy or throttled moment
+  slows all of them, not one. `others` are more timed things with `once(record)` and `times`
+  (a hand-written reference step), called in the same rotation. Returns `run`'s figures per
+  config name."""
+  benches = {name: _Bench(config, steps) for name, config in configs.items()}
+  for i in range(warmup + steps):
+    for b in benches.values():
+      for t in b.timed:
         t.once(record=i >= warmup)
-  trainer.state, times, compile_s = timed[0].state, timed[0].times, timed[0].compile_s
-  compiled = timed[0].compiled
-  tokens = c_data.global_batch * c_data.seq_len
-  lengths = [c_data.seq_len // 2, c_data.seq_len - c_data.seq_len // 2] * c_data.global_batch \
-      if pairs else [c_data.seq_len] * c_data.global_batch
-  flops = throughput.train_flops(
-      arch, tokens=tokens, lengths=lengths, adapter_params=trainer_lib.trained_adapters(trainer),
-      reference_forward=r.objective.live_reference)
-  peak = throughput.peak(dtype=cfg_lib.DTYPES[c_model.dtype])
-  median = statistics.median(times)
-  n_devices = trainer.mesh.size
-  trainable = sharding.count_params(trainer.state.params)
-  buffers = memory(compiled)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return dict(
-      tokens_per_s=tokens / median,
-      tokens_per_s_per_device=tokens / median / n_devices,
-      step_s=dict(median=median, p90=float(np.percentile(times, 90)), steps=len(times)),
-      compile_s=compile_s,
-      mfu=throughput.mfu(flops.total, median, n_devices, peak.flops_per_s),
-      model_tflops_per_step=flops.total / 1e12,
-      attention_tflops_per_step=flops.attention / 1e12,
-      xla_tflops_per_step=float(cost.get('flops', 0.0)) * n_devices / 1e12,
-      peak_tflops_per_device=peak.flops_per_s / 1e12,
-      peak_source=peak.source,
-      peak=dict(peak.provenance or {}, flops_per_s=peak.flops_per_s),
-      params=trainable + sharding.count_params(trainer.frozen),
-      trainable_params=trainable,
-      # XLA's account of the step's buffers, the device's own peak where it reports one (GPU,
-      # TPU), and this process's peak resident memory (on CPU: all of it, weights loaded,
-      # compile-time memory and host copies included).
-      peak_memory_bytes=dict(compiled=buffers['total'], measured=_device_peak_bytes(),
-                             process_rss=_process_peak_rss()),
-      memory_analysis=buffers,
-      device_kind=jax.devices()[0].device_kind,
-      num_devices=n_devices,
-      mesh=dict(trainer.mesh.shape),
-      shapes=dict(global_batch=c_data.global_batch, seq_len=c_data.seq_len,
-                  layers=arch.num_layers, embed_dim=arch.embed_dim, vocab_size=arch.vocab_size,
-                  dtype=c_model.dtype, param_dtype=c_model.param_dtype, remat=c_model.remat,
-                  attention=c_model.attention, loss_chunk=c_model.loss_chunk,
-                  lora_rank=r.lora.rank if r.lora else 0, objective=r.objective.kind),
-      **({'vs_sft': dict(sft_step_s=statistics.median(timed[1].times),
-                         ratio=median / statistics.median(timed[1].times))} if pairs else {}),
-      **({'rollout': rollouts} if rollouts else {}),
-  )
+    for other in (others or {}).values():
+      other.once(record=i >= warmup)
+  return {name: b.figures() for name, b in benches.items()}
+
+
+class _Bench:
+  """One config's compiled step(s), batch and side measurements, ready to be called."""
+
+  def __init__(self, config: ml_collections.ConfigDict, steps: int):
+    self.r, self.trainer = r, trainer = trainer_for(config)
+    arch, c_data = r.model.arch, r.data
+    batch = synthetic_batch(c_data.global_batch, c_data.seq_len, arch.vocab_size,
+                            trainer.batch_sharding, seed=r.train.seed, pairs=r.objective.pairs)
+    if r.objective.precompute_ref:  # the step reads the table's rows instead of a reference
+      batch = dict(batch, ref_logps=data.global_rows(
+          np.zeros((c_data.global_batch, 2), np.float32), trainer.batch_sharding))
+    self.rollouts = None
+    with sharding.use(trainer.mesh, trainer.rules):
+      if r.objective.rollouts:  # rows as a rollout leaves them: rewards, stored log-probs
+        self.rollouts = _rollout_bench(r, trainer, steps=max(steps // 2, 2))
+        batch = _rollout_batch(r, trainer, batch)
+      self.timed = [_Timed(trainer, batch)]
+      if r.objective.pairs:
+        self.timed.append(_Timed(trainer_for(config, objective=objectives.SFT)[1], batch))
+
+  def figures(self) -> dict[str, Any]:
+    r, trainer, timed = self.r, self.trainer, self.timed
+    arch, c_data, c_model = r.model.arch, r.data, r.model
+    pairs = r.objective.pairs
+    trainer.state, times, compile_s = timed[0].state, timed[0].times, timed[0].compile_s
+    compiled = timed[0].compiled
+    tokens = c_data.global_batch * c_data.seq_len
+    lengths = [c_data.seq_len // 2, c_data.seq_len - c_data.seq_len // 2] * c_data.global_batch \
+        if pairs else [c_data.seq_len] * c_data.global_batch
+    flops = throughput.train_flops(
+        arch, tokens=tokens, lengths=lengths,
+        adapter_params=trainer_lib.trained_adapters(trainer),
+        reference_forward=r.objective.live_reference)
+    peak = throughput.peak(dtype=cfg_lib.DTYPES[c_model.dtype])
+    median = statistics.median(times)
+    n_devices = trainer.mesh.size
+    trainable = sharding.count_params(trainer.state.params)
+    buffers = memory(compiled)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return dict(
+        tokens_per_s=tokens / median,
+        tokens_per_s_per_device=tokens / median / n_devices,
+        step_s=dict(median=median, p90=float(np.percentile(times, 90)), steps=len(times)),
+        compile_s=compile_s,
+        mfu=throughput.mfu(flops.total, median, n_devices, peak.flops_per_s),
+        model_tflops_per_step=flops.total / 1e12,
+        attention_tflops_per_step=flops.attention / 1e12,
+        xla_tflops_per_step=float(cost.get('flops', 0.0)) * n_devices / 1e12,
+        peak_tflops_per_device=peak.flops_per_s / 1e12,
+        peak_source=peak.source,
+        peak=dict(peak.provenance or {}, flops_per_s=peak.flops_per_s),
+        params=trainable + sharding.count_params(trainer.frozen),
+        trainable_params=trainable,
+        # XLA's account of the step's buffers, the device's own peak where it reports one
+        # (GPU, TPU), and this process's peak resident memory (on CPU: all of it, weights
+        # loaded, compile-time memory and host copies included).
+        peak_memory_bytes=dict(compiled=buffers['total'], measured=_device_peak_bytes(),
+                               process_rss=_process_peak_rss()),
+        memory_analysis=buffers,
+        device_kind=jax.devices()[0].device_kind,
+        num_devices=n_devices,
+        mesh=dict(trainer.mesh.shape),
+        shapes=dict(global_batch=c_data.global_batch, seq_len=c_data.seq_len,
+                    layers=arch.num_layers, embed_dim=arch.embed_dim,
+                    vocab_size=arch.vocab_size, dtype=c_model.dtype,
+                    param_dtype=c_model.param_dtype, remat=c_model.remat,
+                    attention=c_model.attention, loss_chunk=c_model.loss_chunk,
+                    lora_rank=r.lora.rank if r.lora else 0, objective=r.objective.kind),
+        **({'vs_sft': dict(sft_step_s=statistics.median(timed[1].times),
+                           ratio=median / statistics.median(timed[1].times))} if pairs else {}),
+        **({'rollout': self.rollouts} if self.rollouts else {}),
+    )
 
 
 def _rollout_batch(r: cfg_lib.Resolved, trainer: trainer_lib.Trainer,

@@ -55,11 +55,12 @@ class Model:
   remat: str
   attention: str
   loss_chunk: int
+  scan_unroll: int = 1
 
   def options(self) -> dict[str, Any]:
     """Keyword arguments of the family's `Model` besides the architecture."""
     return dict(dtype=DTYPES[self.dtype], param_dtype=DTYPES[self.param_dtype], remat=self.remat,
-                attention_impl=self.attention)
+                attention_impl=self.attention, scan_unroll=self.scan_unroll)
 
   def describe(self) -> str:
     return f'{self.arch.family} from {self.pretrained}' if self.pretrained else self.preset
@@ -234,7 +235,7 @@ def resolve(config: ml_collections.ConfigDict, *, check_files: bool = True,
   c = config.model
   model = Model(arch=arch, arch_name=models.arch_of(arch), preset=c.preset,
                 pretrained=c.pretrained, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat,
-                attention=c.attention, loss_chunk=c.loss_chunk)
+                attention=c.attention, loss_chunk=c.loss_chunk, scan_unroll=c.scan_unroll)
   options = data.Options(
       tokenizer=c_data.tokenizer or c.pretrained or tokenizer.BYTE, seq_len=c_data.seq_len,
       train_on=c_data.train_on, chat_template=c_data.chat_template,
@@ -343,7 +344,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   positive = {'train.steps': config.train.steps, 'data.seq_len': config.data.seq_len,
               'data.global_batch': config.data.global_batch,
               'optim.grad_accum': config.optim.grad_accum,
-              'train.log_every': config.train.log_every}
+              'train.log_every': config.train.log_every,
+              'model.scan_unroll': config.model.scan_unroll}
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f'{key}={value} must be >= 1')

@@ -118,6 +118,9 @@ def _bench_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool('calibrate', False, 'Measure the matmul peak FLOP/s of this machine again '
                     '(CPUs and devices not in the table), cache it and print its record; no '
                     '--config needed.', flag_values=fv)
+  flags.DEFINE_multi_string('vs', [], 'section.key=value: also time the config with these '
+                            'overrides, side by side with it (steps called alternately), and '
+                            'print both and their tokens/s ratio.', flag_values=fv)
 
 
 def _plan_flags(fv: flags.FlagValues) -> None:
@@ -365,10 +368,17 @@ def _bench(fv: flags.FlagValues, argv: list[str]) -> None:
     print(json.dumps(bench.calibrate(fv.config)))
     return
   if len(argv) > 1 or fv.config is None:
-    cli.fail('usage: ftjax bench --config configs/X.py [--steps N] [--config.KEY=VALUE ...] | '
+    cli.fail('usage: ftjax bench --config configs/X.py [--steps N] [--config.KEY=VALUE ...] '
+             '[--vs KEY=VALUE ...] | '
              'ftjax bench --calibrate [--config configs/X.py]')
   try:
-    result = bench.run(fv.config, steps=fv.steps)
+    if not fv.vs:
+      result = bench.run(fv.config, steps=fv.steps)
+    else:
+      out = bench.side_by_side({'base': fv.config,
+                                'vs': bench.with_overrides(fv.config, fv.vs)}, steps=fv.steps)
+      result = dict(out, overrides=fv.vs,
+                    vs_over_base=out['vs']['tokens_per_s'] / out['base']['tokens_per_s'])
   except ConfigError as e:
     cli.fail(str(e))
   print(json.dumps(result))

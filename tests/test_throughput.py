@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -136,19 +137,37 @@ def _bench_cli(*overrides):
 
 
 @pytest.mark.slow
-def test_bench_cli_full_and_lora():
-  full = _bench_cli()
+def test_bench_cli_full_and_lora_side_by_side():
+  out = _bench_cli('--vs', 'lora.rank=4')
+  full, lora = out['base'], out['vs']
   for key in ('tokens_per_s', 'tokens_per_s_per_device', 'compile_s', 'mfu',
               'model_tflops_per_step', 'params', 'trainable_params', 'device_kind', 'mesh'):
     assert key in full, key
-  assert full['step_s']['steps'] == 3 and 0 < full['step_s']['median'] <= full['step_s']['p90']
+  assert full['step_s']['steps'] == lora['step_s']['steps'] == 3
+  assert 0 < full['step_s']['median'] <= full['step_s']['p90']
   assert full['params'] == full['trainable_params'] > 0
   assert 0 < full['mfu'] < 1.5 and full['peak_memory_bytes']['compiled'] > 0
   assert full['tokens_per_s'] == pytest.approx(64 * 16 / full['step_s']['median'])
-  lora = _bench_cli('--config.lora.rank=4')
   assert lora['trainable_params'] < lora['params'] == full['params'] + lora['trainable_params']
+  assert lora['shapes']['lora_rank'] == 4 and full['shapes']['lora_rank'] == 0
+  assert out['overrides'] == ['lora.rank=4']
+  assert out['vs_over_base'] == pytest.approx(lora['tokens_per_s'] / full['tokens_per_s'])
   # Frozen weights skip their weight-gradient matmuls: fewer model FLOPs than full training.
   assert lora['model_tflops_per_step'] < full['model_tflops_per_step']
+
+
+def test_bench_overrides_copy_the_config_and_name_a_bad_key():
+  from configs import demo
+  from ftjax.config import ConfigError
+
+  c = demo.get_config()
+  vs = bench.with_overrides(c, ['lora.rank=16', 'lora.targets=q,v', 'model.scan_unroll=2'])
+  assert (vs.lora.rank, vs.lora.targets, vs.model.scan_unroll) == (16, 'q,v', 2)
+  assert (c.lora.rank, c.model.scan_unroll) == (0, 1)  # the original is untouched
+  for bad, said in (('lora.rnak=16', 'lora.rnak=16'), ('rank=16', 'section.key=value'),
+                    ('lora.rank', 'section.key=value'), ('lora.rank=abc', "'lora.rank=abc'")):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+      bench.with_overrides(c, [bad])
 
 
 def test_train_flops_count_the_reference_forward():

@@ -205,6 +205,7 @@ class Llama(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       remat: layers.RematPolicy = 'none',
       attention_impl: str | None = None,
+      scan_unroll: int = 1,
   ):
     if remat not in ('none', *layers.REMAT_POLICIES):
       raise ValueError(
@@ -212,6 +213,7 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    self.scan_unroll = scan_unroll  # layers per iteration of the layer scan (>= layers: none)
     self.embed = layers.param(rngs, jax.nn.initializers.normal(cfg.init_std),
                               (cfg.vocab_size, cfg.embed_dim), ('vocab', 'embed'), param_dtype)
 
@@ -283,6 +285,7 @@ class Llama(nnx.Module):
     layer_keys = jax.random.split(
         jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
     x, router = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                         unroll=min(self.scan_unroll, cfg.num_layers),
                          transform_metadata={nnx.PARTITION_NAME: 'layers'})(
                              self.blocks, x, jnp.asarray(is_global), layer_keys)
     return self.final_norm(x), ({} if router is None else moe.router_losses(router))
