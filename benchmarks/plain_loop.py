@@ -1,5 +1,5 @@
-"""A plain, single-file JAX training step for the Llama shape of `lora_vs_full.py`: the reference
-ftjax's full fine-tuning step is measured against (the framework should cost nothing).
+"""A plain, single-file JAX training step for the benchmark shape (`configs/bench_llama.py`): the
+reference ftjax's full fine-tuning step is measured against (the framework should cost nothing).
 
 It is what a careful user would write by hand: parameters in a dict, a Python loop over the
 layers, 2-D matmuls, causal attention with grouped-query heads, full logits and a log-softmax

@@ -55,7 +55,7 @@ class Model:
   remat: str
   attention: str
   loss_chunk: int
-  scan_unroll: int = 1
+  scan_unroll: int = 0
 
   def options(self) -> dict[str, Any]:
     """Keyword arguments of the family's `Model` besides the architecture."""
@@ -344,11 +344,12 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   positive = {'train.steps': config.train.steps, 'data.seq_len': config.data.seq_len,
               'data.global_batch': config.data.global_batch,
               'optim.grad_accum': config.optim.grad_accum,
-              'train.log_every': config.train.log_every,
-              'model.scan_unroll': config.model.scan_unroll}
+              'train.log_every': config.train.log_every}
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f'{key}={value} must be >= 1')
+  if config.model.scan_unroll < 0:
+    raise ConfigError(f'model.scan_unroll={config.model.scan_unroll} must be >= 0 (0 = auto)')
   c = config.eval
   if c.every_steps < 0 or (c.every_steps and c.every_steps % config.train.log_every):
     raise ConfigError(f'eval.every_steps={c.every_steps} must be 0 or a multiple of '

@@ -39,8 +39,9 @@ def defaults() -> ml_collections.ConfigDict:
       attention='xla',  # xla | cudnn (GPU flash) | splash (TPU Pallas); falls back to xla
       loss_chunk=512,  # positions per chunk of the LM head + loss (never all [B, T, V] logits)
       # 0 = one chunk; lower it for huge vocabularies, raise it if the head is slow
-      scan_unroll=1,  # layers per iteration of the layer scan; >= num_layers unrolls it all
-      # (no per-layer slicing and stacking, longer compiles); see docs/performance.md
+      scan_unroll=0,  # layers per iteration of the layer scan; >= num_layers unrolls it all
+      # (no per-layer slicing and stacking, longer compiles); 0 = auto: unrolled on CPU up to
+      # 16 layers, rolled elsewhere (docs/performance.md)
   )
   # Every architecture field of the preset may be overridden; None keeps the preset's value.
   for name, kind in arch_fields().items():

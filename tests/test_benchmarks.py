@@ -102,9 +102,22 @@ def test_lora_vs_full_benchmark_times_both():
                     devices=None)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
-  assert summary['lora_vs_full'] == summary['lora_tokens_per_s'] / summary['full_tokens_per_s']
-  assert summary['full_mfu'] > 0 and summary['peak_gflops'] > 0
+  assert summary['lora_vs_full'] == [summary['lora_tokens_per_s'] / summary['full_tokens_per_s']]
+  assert summary['full_mfu'][0] > 0 and summary['peak_gflops'] > 0
   assert summary['overrides'] == ['model.num_layers=1']
+  assert 'round 1:' in out.stdout and 'LoRA/full' in out.stdout
+
+
+@pytest.mark.slow
+def test_plain_loop_benchmark_times_both_steps():
+  out = run_command([sys.executable, 'benchmarks/plain_loop.py', '--seq_len', '32', '--batch',
+                     '1', '--steps', '1'], devices=None)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary['ftjax_vs_plain'] == pytest.approx(
+      summary['ftjax_tokens_per_s'] / summary['plain_tokens_per_s'])
+  assert summary['ftjax_fraction_of_peak'] > 0 and summary['plain_fraction_of_peak'] > 0
+  assert summary['shape']['num_layers'] == 8 and summary['shape']['seq_len'] == 32
 
 
 def _plain_loop():

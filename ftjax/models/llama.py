@@ -193,6 +193,9 @@ class Block(nnx.Module):
     return sharding.constrain(x, ('batch', 'seq', 'embed')), k_cache, v_cache
 
 
+AUTO_UNROLL_LAYERS = 16  # scan_unroll=0 unrolls up to this many layers on CPU (compile time)
+
+
 class Llama(nnx.Module):
   """Decoder with its layers stacked on a leading 'layers' axis and run by scan."""
 
@@ -205,7 +208,7 @@ class Llama(nnx.Module):
       param_dtype: jnp.dtype = jnp.float32,
       remat: layers.RematPolicy = 'none',
       attention_impl: str | None = None,
-      scan_unroll: int = 1,
+      scan_unroll: int = 0,
   ):
     if remat not in ('none', *layers.REMAT_POLICIES):
       raise ValueError(
@@ -213,7 +216,7 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
-    self.scan_unroll = scan_unroll  # layers per iteration of the layer scan (>= layers: none)
+    self.scan_unroll = scan_unroll  # layers per iteration of the layer scan; 0 = `_unroll()`
     self.embed = layers.param(rngs, jax.nn.initializers.normal(cfg.init_std),
                               (cfg.vocab_size, cfg.embed_dim), ('vocab', 'embed'), param_dtype)
 
@@ -285,10 +288,21 @@ class Llama(nnx.Module):
     layer_keys = jax.random.split(
         jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
     x, router = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                         unroll=min(self.scan_unroll, cfg.num_layers),
+                         unroll=self._unroll(),
                          transform_metadata={nnx.PARTITION_NAME: 'layers'})(
                              self.blocks, x, jnp.asarray(is_global), layer_keys)
     return self.final_norm(x), ({} if router is None else moe.router_losses(router))
+
+  def _unroll(self) -> int:
+    """Layers per iteration of the training scan. `scan_unroll=0` (auto): on CPU all of them
+    when there are at most `AUTO_UNROLL_LAYERS` (a rolled loop's per-layer slicing of the stacked
+    weights, stacking of the activations it saves and zero-filled gradient buffers cost full
+    fine-tuning about 20% there; docs/performance.md), else a rolled loop, which compiles each
+    layer once (TPU and GPU compilers run it without that cost)."""
+    n = self.cfg.num_layers
+    if self.scan_unroll:
+      return min(self.scan_unroll, n)
+    return n if sharding.platform() == 'cpu' and n <= AUTO_UNROLL_LAYERS else 1
 
   def _layer_rope(self, positions: Int[Array, 'B T'], all_global: bool, global_window: int):
     """`layer_is_global -> (rope sin/cos, window)` for one scanned layer."""
