@@ -126,7 +126,6 @@ def main() -> None:
   p.add_argument('--set', action='append', default=[], help='section.key=value (ftjax step)')
   args = p.parse_args()
   plain = Plain(SHAPE, args.batch, args.seq_len)
-  args.rounds = 1
   out = bench.side_by_side({'ftjax': lora_vs_full.config(args, lora=False)}, steps=args.steps,
                            others={'plain': plain})
   tokens = args.batch * args.seq_len

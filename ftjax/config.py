@@ -55,7 +55,7 @@ class Model:
   remat: str
   attention: str
   loss_chunk: int
-  scan_unroll: int = 0
+  scan_unroll: int
 
   def options(self) -> dict[str, Any]:
     """Keyword arguments of the family's `Model` besides the architecture."""
