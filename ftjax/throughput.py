@@ -130,6 +130,7 @@ class Peak:
 
 
 CALIBRATION_SIZES = (1024, 1536, 2048)
+_clock = time.perf_counter  # calibration's clock (tests drive it)
 
 
 def _square_matmul(dtype, size: int, min_s: float):
@@ -152,23 +153,36 @@ def _square_matmul(dtype, size: int, min_s: float):
 
 
 def calibrate(dtype=jnp.float32, *, sizes: Sequence[int] = CALIBRATION_SIZES, rounds: int = 15,
-              min_s: float = 0.05) -> dict[str, Any]:
-  """The matmul rate of the default device: for each size, the best of `rounds` timings of at
-  least `min_s` (on a shared machine noise only ever slows a timing down), the sizes taking turns
-  so that a burst of load elsewhere hits them alike; the figure is the median of those over
-  sizes, and `spread` the range of every sample relative to it (how far one timing can be off
-  on this machine, said in every report)."""
+              min_s: float = 0.02, settle_s: float = 4.0, max_s: float = 30.0) -> dict[str, Any]:
+  """The matmul rate of the default device: for each size, the best of its timings of at least
+  `min_s` each (on a shared machine noise only ever slows a timing down), the sizes taking
+  turns so that a burst of load elsewhere hits them alike; the figure is the median of those
+  bests over sizes, and `spread` the range of every sample relative to it (how far one timing
+  can be off on this machine, said in every report).
+
+  Rounds go on after the first `rounds` until no size's best has risen by more than 1% for
+  `settle_s` seconds (or `max_s` have passed): a best taken over a busy stretch is low, and
+  how long the machine stays busy is not known in advance. Many short timings over several
+  seconds are what find a shared machine's quiet moments."""
   device = jax.devices()[0]
   timers = {int(s): _square_matmul(dtype, int(s), min_s) for s in sizes}
   per_size = {s: [] for s in timers}
-  for _ in range(rounds):
+  best = dict.fromkeys(timers, 0.0)
+  start = last_gain = _clock()
+  done = 0
+  while done < rounds or (_clock() - last_gain < settle_s and _clock() - start < max_s):
     for s, one_round in timers.items():
-      per_size[s].append(one_round())
-  best = [max(r) for r in per_size.values()]
+      rate = one_round()
+      per_size[s].append(rate)
+      if rate > 1.01 * best[s]:
+        last_gain = _clock()
+      best[s] = max(best[s], rate)
+    done += 1
   samples = [x for r in per_size.values() for x in r]
-  figure = float(np.median(best))
+  figure = float(np.median(list(best.values())))
   return dict(flops_per_s=figure, dtype=jnp.dtype(dtype).name, sizes=list(per_size),
-              rounds=rounds, per_size_best=dict(zip(map(str, per_size), best, strict=True)),
+              rounds=done, settle_s=settle_s, seconds=round(_clock() - start, 1),
+              per_size_best={str(k): v for k, v in best.items()},
               min=min(samples), max=max(samples), spread=(max(samples) - min(samples)) / figure,
               platform=device.platform, device_kind=device.device_kind,
               measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
@@ -223,10 +237,12 @@ def _write_cache(key: str, record: dict[str, Any]) -> None:
 def _measured(record: dict[str, Any], cached: bool) -> Peak:
   where = f', cached in {cache_path()} (ftjax bench --calibrate measures again)' if cached else ''
   sizes = '/'.join(map(str, record['sizes']))
+  settled = (f", the last {record['settle_s']:g} s raising no best" if 'settle_s' in record
+             else '')
   return Peak(record['flops_per_s'],
               f"measured: {record['dtype']} matmul on {record['platform']} "
               f"({record['device_kind']}), median over sizes {sizes} of the best of "
-              f"{record['rounds']} rounds, "
+              f"{record['rounds']} rounds ({record.get('seconds', '?')} s{settled}), "
               f"samples {record['min'] / 1e9:.0f}-{record['max'] / 1e9:.0f} GFLOP/s "
               f"(spread {100 * record['spread']:.0f}%), at {record['measured_at']}{where}; "
               'not a datasheet figure', provenance=dict(record, cached=cached))

@@ -199,3 +199,41 @@ def test_compiled_lora_step_keeps_only_adapter_state(small_config):
   # itself may hold less, as XLA fuses each weight's update into its gradient.
   weight_bytes = full.output_size_in_bytes / 3
   assert adapters.temp_size_in_bytes < full.temp_size_in_bytes + 0.5 * weight_bytes
+
+
+@pytest.mark.parametrize('projection', ['cpu_2d', 'einsum'], indirect=True)
+@pytest.mark.parametrize('eqn,in_letters,out_letters,w_shape', [
+    ('BTD,DNH->BTNH', 'D', 'NH', (24, 4, 6)),  # q/k/v
+    ('BTNH,NHD->BTD', 'NH', 'D', (4, 6, 24)),  # o
+    ('BTD,DF->BTF', 'D', 'F', (24, 40)),  # gate/up/down
+    ('BTF,DF->BTD', 'F', 'D', (24, 40)),  # a weight stored [out, in]
+])
+def test_adapted_projection_equals_the_two_branch_form_values_and_gradients(
+    eqn, in_letters, out_letters, w_shape, projection):
+  """`_adapted` (one projection through the merged weight, its own backward pass) against
+  autodiff of `x w + s (x a) b`: the output and the gradients of x, a and b; none for w."""
+  xs, ws, ys = (part for part in eqn.replace('->', ',').split(','))
+  size = dict(zip(ws, w_shape, strict=True)) | {'B': 2, 'T': 5}
+  rank, scale = 3, 1.7
+  keys = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(keys[0], [size[c] for c in xs])
+  w = jax.random.normal(keys[1], w_shape) / 5
+  a = jax.random.normal(keys[2], [*(size[c] for c in in_letters), rank])
+  b = jax.random.normal(keys[3], [rank, *(size[c] for c in out_letters)])
+  dy = jax.random.normal(keys[4], [size[c] for c in ys])
+  rest = ''.join(c for c in xs if c not in in_letters)
+
+  def two_branch(x, w, a, b):
+    xa = jnp.einsum(f'{xs},{in_letters}R->{rest}R', x, a)
+    return jnp.einsum(eqn, x, w) + scale * jnp.einsum(f'{rest}R,R{out_letters}->{ys}', xa, b)
+
+  spec = lora._Spec(eqn, in_letters, out_letters, scale)
+  y_ref, vjp_ref = jax.vjp(two_branch, x, w, a, b)
+  y, vjp = jax.vjp(jax.jit(lambda x, w, a, b: lora._adapted(spec, x, w, a, b)), x, w, a, b)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  got, want = vjp(dy), vjp_ref(dy)
+  for name, g, g_ref in zip('xab', (got[0], got[2], got[3]), (want[0], want[2], want[3]),
+                            strict=True):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))),
+                               err_msg=name)
+  np.testing.assert_array_equal(got[1], np.zeros(w_shape))  # the base is frozen
