@@ -130,6 +130,7 @@ class Peak:
 
 
 CALIBRATION_SIZES = (1024, 1536, 2048)
+CALIBRATION_SETTLE_S = 4.0  # seconds without a new best that end a calibration
 _clock = time.perf_counter  # calibration's clock (tests drive it)
 
 
@@ -153,7 +154,8 @@ def _square_matmul(dtype, size: int, min_s: float):
 
 
 def calibrate(dtype=jnp.float32, *, sizes: Sequence[int] = CALIBRATION_SIZES, rounds: int = 15,
-              min_s: float = 0.02, settle_s: float = 4.0, max_s: float = 30.0) -> dict[str, Any]:
+              min_s: float = 0.02, settle_s: float = CALIBRATION_SETTLE_S,
+              max_s: float = 30.0) -> dict[str, Any]:
   """The matmul rate of the default device: for each size, the best of its timings of at least
   `min_s` each (on a shared machine noise only ever slows a timing down), the sizes taking
   turns so that a burst of load elsewhere hits them alike; the figure is the median of those
@@ -269,7 +271,7 @@ def peak(device: jax.Device | None = None, dtype=jnp.bfloat16, *,
   if key not in _CALIBRATED or recalibrate:
     record = None if recalibrate else _read_cache().get(key)
     if record is None:
-      record = calibrate(dtype, sizes=CALIBRATION_SIZES)
+      record = calibrate(dtype, sizes=CALIBRATION_SIZES, settle_s=CALIBRATION_SETTLE_S)
       _write_cache(key, record)
       _CALIBRATED[key] = _measured(record, cached=False)
     else:

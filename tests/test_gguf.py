@@ -147,6 +147,27 @@ def test_a_gguf_gives_the_logits_of_its_hugging_face_checkpoint(tiny_gguf):
   assert dataclasses.replace(from_gguf, norm_eps=from_hf.norm_eps) == from_hf
 
 
+def test_loading_leaves_no_checkpoint_file_mapped(tiny_gguf):
+  """Once the weights are arrays, neither the GGUF file nor a safetensors file stays mapped
+  (a mapped file's read pages count as the run's resident memory until it ends)."""
+  hf_dir, path = tiny_gguf
+  cfg = ftjax.hf.pretrained.read_config(path)  # the header is read first, as by `ftjax train`
+
+  def mapped():
+    with open('/proc/self/maps', encoding='utf-8') as f:
+      return {line.split()[-1] for line in f if line.rstrip().endswith(('.gguf', '.safetensors'))}
+
+  for source in (path, hf_dir):
+    model = ftjax.load_pretrained(source, dtype='float32')
+    assert model.cfg.num_layers == cfg.num_layers and mapped() == set(), source
+  from ftjax.hf import gguf_file
+  assert gguf_file._reader.cache_info().currsize == 0
+  graphdef, abstract = ftjax.hf.pretrained.abstract_model(cfg)
+  mesh = ftjax.sharding.make_mesh((1, -1, 1))
+  ftjax.hf.pretrained.load_params(path, cfg, abstract, mesh, ftjax.sharding.get_rules('fsdp_tp'))
+  assert mapped() == set()
+
+
 # Shapes that llama.cpp's fixed rules reproduce (Gemma: query scale = head_dim; Gemma 3: sliding
 # layers at rope base 10000, every 6th layer global) and where transformers' GGUF loader, which
 # reads neither qwen3's key_length, Gemma 2's soft-caps nor Gemma 3's rope scaling, falls back on

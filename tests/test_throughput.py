@@ -136,6 +136,7 @@ def test_measured_peak_is_cached_per_machine_with_its_record(tmp_path, monkeypat
   measured over, never fatal."""
   monkeypatch.setenv('FTJAX_CACHE_DIR', str(tmp_path))
   monkeypatch.setattr(throughput, 'CALIBRATION_SIZES', (128, 256))
+  monkeypatch.setattr(throughput, 'CALIBRATION_SETTLE_S', 0.2)
   monkeypatch.setattr(throughput, '_CALIBRATED', {})
   first = throughput.peak(dtype=jnp.float32)
   assert first.provenance['cached'] is False and 'cached in' not in first.source

@@ -1,7 +1,10 @@
 """End-to-end training runs through `train.run`, on real computation."""
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -129,3 +132,25 @@ def test_a_run_makes_no_implicit_host_device_copies(small_config, tmp_path):
   with jax.transfer_guard('disallow'):
     summary = train.run(small_config, str(tmp_path))
   assert summary['train_step_compiles'] == 1 and np.isfinite(summary['final_loss'])
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='needs torch installed')
+def test_run_outputs_do_not_import_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed (~240 MB resident, a second of
+  start-up); the run's writer loads it without, and still writes TensorBoard events."""
+  script = (
+      'import sys\n'
+      'from ftjax import main, metrics, train\n'
+      f'w = metrics.Writer({str(tmp_path)!r}, total_steps=1, progress=False)\n'
+      "w.write(1, {'loss': 0.5})\n"
+      'w.close()\n'
+      "assert 'torch' not in sys.modules, 'torch was imported'\n"
+      'import torch\n'  # and a later import of torch by the user still works
+      'print(torch.ones(2).sum().item())\n')
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == '2.0'
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  assert [e.value for e in events.Scalars('loss')] == [0.5]

@@ -25,7 +25,11 @@ def load_params(path: str, cfg: Any, abstract_state: Any, mesh: jax.sharding.Mes
                 rules: dict) -> Any:
   """The checkpoint's weights as sharded arrays laid out by `rules` on `mesh`."""
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  return weights.load_state(weights.open_checkpoint(path), cfg, abstract_state, shardings)
+  folder = weights.open_checkpoint(path)
+  try:
+    return weights.load_state(folder, cfg, abstract_state, shardings)
+  finally:
+    folder.close()
 
 
 def read_config(path: str) -> Any:
@@ -60,7 +64,10 @@ def load_pretrained(path: str, dtype: str | Any = 'float32',
   cfg = models.config_from_hf(folder.hf_config)
   graphdef, abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
   shardings = sharding.state_shardings(abstract, mesh, sharding.get_rules(rules))
-  return nnx.merge(graphdef, weights.load_state(folder, cfg, abstract, shardings))
+  try:
+    return nnx.merge(graphdef, weights.load_state(folder, cfg, abstract, shardings))
+  finally:
+    folder.close()
 
 
 def load_tokenizer(path: str) -> tokenizer.Tokenizer:

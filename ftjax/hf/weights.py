@@ -92,6 +92,12 @@ class Folder:
       self._handles[filename] = self._open(filename).__enter__()
     return self._handles[filename], filename
 
+  def close(self) -> None:
+    """Closes the safetensors files read so far (their memory maps with them)."""
+    for handle in self._handles.values():
+      handle.__exit__(None, None, None)
+    self._handles.clear()
+
   def shape(self, name: str) -> tuple[int, ...]:
     handle, _ = self._handle(name)
     return tuple(handle.get_slice(name).get_shape())

@@ -283,12 +283,16 @@ class Llama(nnx.Module):
       key = None if dropout_key is None else layer_key
       return block(x, rope, positions, segment_ids, window, key=key)
 
+    unroll = self._unroll()
     if self.remat != 'none':
-      layer = nnx.remat(layer, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False)
+      # A rolled scan keeps XLA from merging the recomputation back into the forward pass; an
+      # unrolled one does not, so there the recomputation needs its barrier (without it remat
+      # was a no-op: the same temporaries as 'none').
+      layer = nnx.remat(layer, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=unroll > 1)
     layer_keys = jax.random.split(
         jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
     x, router = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                         unroll=self._unroll(),
+                         unroll=unroll,
                          transform_metadata={nnx.PARTITION_NAME: 'layers'})(
                              self.blocks, x, jnp.asarray(is_global), layer_keys)
     return self.final_norm(x), ({} if router is None else moe.router_losses(router))
