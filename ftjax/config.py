@@ -316,7 +316,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   choices = {
       'model.dtype': (config.model.dtype, tuple(DTYPES)),
       'model.param_dtype': (config.model.param_dtype, tuple(DTYPES)),
-      'model.remat': (config.model.remat, ('none', *layers.REMAT_POLICIES)),
+      'model.remat': (config.model.remat, ('auto', 'none', *layers.REMAT_POLICIES)),
       'model.attention': (config.model.attention, ATTENTION),
       'optim.schedule': (config.optim.schedule, ('cosine', 'linear', 'constant')),
       'data.train_on': (config.data.train_on, ('assistant', 'completion', 'all')),

@@ -155,7 +155,7 @@ def suggestions(r: Resolved, per_device: dict[str, int], hbm: int,
   if temps >= args:
     lighter = {'none': "dots (keep matmul outputs) or full (keep layer inputs only)",
                'dots': "offload (matmul outputs in host memory) or full",
-               'offload': 'full'}.get(r.model.remat)
+               'offload': 'full'}.get({'auto': 'none'}.get(r.model.remat, r.model.remat))  # TPU/GPU
     if lighter:
       out.append(f'{over}; activations dominate ({temps / 2**30:.1f} GiB): '
                  f'--config.model.remat={lighter}')

@@ -34,8 +34,9 @@ def defaults() -> ml_collections.ConfigDict:
       # the initial parameters (model.preset and architecture overrides are then ignored)
       dtype='float32',  # compute dtype: float32 | bfloat16
       param_dtype='float32',  # storage dtype of the weights
-      remat='none',  # none | dots | offload | full: what a scanned layer keeps for the backward
-      # pass: everything | matmul outputs | matmul outputs in host memory | only its input
+      remat='auto',  # auto | none | dots | offload | full: what a scanned layer keeps for the
+      # backward pass: dots on CPU, none on TPU/GPU | everything | matmul outputs | matmul
+      # outputs in host memory | only its input
       attention='xla',  # xla | cudnn (GPU flash) | splash (TPU Pallas); falls back to xla
       loss_chunk=512,  # positions per chunk of the LM head + loss (never all [B, T, V] logits)
       # 0 = one chunk; lower it for huge vocabularies, raise it if the head is slow

@@ -210,9 +210,9 @@ class Llama(nnx.Module):
       attention_impl: str | None = None,
       scan_unroll: int = 0,
   ):
-    if remat not in ('none', *layers.REMAT_POLICIES):
-      raise ValueError(
-          f"remat={remat!r}; expected one of 'none', {', '.join(layers.REMAT_POLICIES)}")
+    if remat not in ('auto', 'none', *layers.REMAT_POLICIES):
+      raise ValueError(f"remat={remat!r}; expected one of 'auto', 'none', "
+                       f"{', '.join(layers.REMAT_POLICIES)}")
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
@@ -283,12 +283,13 @@ class Llama(nnx.Module):
       key = None if dropout_key is None else layer_key
       return block(x, rope, positions, segment_ids, window, key=key)
 
-    unroll = self._unroll()
-    if self.remat != 'none':
+    remat = layers.resolve_remat(self.remat)
+    unroll = self._unroll(remat)
+    if remat != 'none':
       # A rolled scan keeps XLA from merging the recomputation back into the forward pass; an
       # unrolled one does not, so there the recomputation needs its barrier (without it remat
       # was a no-op: the same temporaries as 'none').
-      layer = nnx.remat(layer, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=unroll > 1)
+      layer = nnx.remat(layer, policy=layers.REMAT_POLICIES[remat], prevent_cse=unroll > 1)
     layer_keys = jax.random.split(
         jax.random.key(0) if dropout_key is None else dropout_key, cfg.num_layers)
     x, router = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
@@ -297,16 +298,18 @@ class Llama(nnx.Module):
                              self.blocks, x, jnp.asarray(is_global), layer_keys)
     return self.final_norm(x), ({} if router is None else moe.router_losses(router))
 
-  def _unroll(self) -> int:
-    """Layers per iteration of the training scan. `scan_unroll=0` (auto): on CPU all of them
-    when there are at most `AUTO_UNROLL_LAYERS` (a rolled loop's per-layer slicing of the stacked
-    weights, stacking of the activations it saves and zero-filled gradient buffers cost full
-    fine-tuning about 20% there; docs/performance.md), else a rolled loop, which compiles each
-    layer once (TPU and GPU compilers run it without that cost)."""
+  def _unroll(self, remat: str) -> int:
+    """Layers per iteration of the training scan. `scan_unroll=0` (auto): on CPU, when every
+    activation is kept (`remat='none'`), all of them up to `AUTO_UNROLL_LAYERS` (a rolled loop
+    stacks the activations it saves into zero-filled buffers and writes the weight gradients
+    the same way, which cost full fine-tuning about 15% there; docs/performance.md); else a
+    rolled loop, which compiles each layer once (with remat it was the faster one on CPU, and
+    TPU and GPU compilers run it without that cost)."""
     n = self.cfg.num_layers
     if self.scan_unroll:
       return min(self.scan_unroll, n)
-    return n if sharding.platform() == 'cpu' and n <= AUTO_UNROLL_LAYERS else 1
+    return n if (sharding.platform() == 'cpu' and remat == 'none'
+                 and n <= AUTO_UNROLL_LAYERS) else 1
 
   def _layer_rope(self, positions: Int[Array, 'B T'], all_global: bool, global_window: int):
     """`layer_is_global -> (rope sin/cos, window)` for one scanned layer."""
