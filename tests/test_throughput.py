@@ -230,3 +230,20 @@ def test_bench_times_a_dpo_step_beside_the_sft_step():
   vs = out['vs_sft']
   assert vs['ratio'] == pytest.approx(out['step_s']['median'] / vs['sft_step_s'])
   assert 0.8 < vs['ratio'] < 3.0  # one extra forward pass: dearer than SFT, not absurdly
+
+
+def test_bench_times_lora_on_int8_and_int4_bases():
+  """QLoRA side by side with LoRA on the demo model: int4 weights are packed two per byte in
+  the compiled step's layout (the step is then timed through the jitted function)."""
+  from configs import demo
+
+  c = demo.get_config()
+  c.lora.update(rank=4, alpha=8.0)
+  c.data.update(seq_len=32, global_batch=8)
+  out = bench.side_by_side({q: bench.with_overrides(c, [f'lora.quantize_base={q}'] if q else [])
+                            for q in ('', 'int8', 'int4')}, steps=2, warmup=1)
+  for name, figures in out.items():
+    assert figures['step_s']['steps'] == 2 and figures['tokens_per_s'] > 0, name
+  # The frozen base is stored at 1/4 and 1/8 of its float32 bytes.
+  args = {name: figures['memory_analysis']['arguments'] for name, figures in out.items()}
+  assert args['int4'] < args['int8'] < args['']
