@@ -171,8 +171,11 @@ class LoRAEinsum(nnx.Module):
       return y * factor.reshape((1,) * (y.ndim - factor.ndim) + factor.shape)
     a, b = self.a.get_value().astype(dtype), self.b.get_value().astype(dtype)
     spec = _Spec(self.base.eqn, self.in_letters, self.out_letters, self.scale)
-    if x_lora is x:  # the frozen weight and the adapter in one projection (`_adapted`)
-      return _adapted(spec, x, jax.lax.stop_gradient(self._base_weight().astype(dtype)), a, b)
+    # The frozen weight and the adapter in one projection (`_adapted`), in float32 only: in
+    # bfloat16 the merged weight `w + s a b` would round away an update far smaller than `w`,
+    # which the two-branch form keeps at the precision of its own output.
+    if x_lora is x and dtype == jnp.float32:
+      return _adapted(spec, x, jax.lax.stop_gradient(self._base_weight()), a, b)
     rest = spec.rest
     xa = layers.project(f'{self.x_letters},{self.in_letters}R->{rest}R', x_lora, a)
     return self.base(x) + self.scale * layers.project(

@@ -10,7 +10,7 @@ from flax import nnx
 from ftjax import config as config_lib
 from ftjax import lora, quantize, train
 from ftjax import trainer as trainer_lib
-from ftjax.models import llama
+from ftjax.models import layers, llama
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)))
 VARIANTS = {'lora': {}, 'rslora': dict(use_rslora=True), 'dora': dict(use_dora=True)}
@@ -237,3 +237,25 @@ def test_adapted_projection_equals_the_two_branch_form_values_and_gradients(
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))),
                                err_msg=name)
   np.testing.assert_array_equal(got[1], np.zeros(w_shape))  # the base is frozen
+
+
+def test_a_small_adapter_update_survives_bfloat16_weights():
+  """With bfloat16 weights the adapter keeps its own branch: merged into the weight, an update
+  below half a bfloat16 step of it (w = 1, |s a b| < 2^-9) would round away entirely. Inputs
+  in +c/-c pairs make `x w` exactly 0, so the output is the update alone."""
+  base = layers.Einsum('BTD,DF->BTF', (64, 32), (None, None), rngs=nnx.Rngs(0),
+                       dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  base.w.set_value(jnp.ones((64, 32), jnp.bfloat16))
+  adapted = lora.LoRAEinsum(base, rank=4, alpha=4.0, use_rslora=False, use_dora=False,
+                            rngs=nnx.Rngs(1))
+  adapted.b.set_value(jax.random.normal(jax.random.key(2), adapted.b.shape, jnp.bfloat16))
+  delta = np.asarray(adapted.delta())
+  adapted.b.set_value(adapted.b.get_value() * (1.5e-3 / np.abs(delta).max()))
+  delta = np.asarray(adapted.delta())
+  assert 0 < np.abs(delta).max() < 2.0**-9
+  c = np.asarray(jax.random.uniform(jax.random.key(3), (2, 8, 32), minval=0.5, maxval=2.0))
+  x = jnp.asarray(np.stack([c, -c], axis=-1).reshape(2, 8, 64), jnp.bfloat16)
+  assert not np.any(np.asarray(base(x), np.float32))  # x w = 0 exactly
+  want = np.asarray(x, np.float32) @ delta
+  np.testing.assert_allclose(np.asarray(adapted(x), np.float32), want,
+                             atol=0.02 * np.abs(want).max())

@@ -41,7 +41,6 @@ def resolve_remat(remat: str) -> str:
   return 'dots' if sharding.platform() == 'cpu' else 'none'
 
 
-
 def param(
     rngs: nnx.Rngs,
     init: jax.nn.initializers.Initializer,
