@@ -1,7 +1,7 @@
 """The GRPO demo: online RL on the demo's addition task, from a partly trained demo base.
 
-  ftjax train --config configs/demo.py --workdir /tmp/demo_sft --config.train.steps=500
-  ftjax export --workdir /tmp/demo_sft --out /tmp/demo_base
+  ftjax train --config configs/demo.py --workdir /tmp/demo_grpo_sft --config.train.steps=700
+  ftjax export --workdir /tmp/demo_grpo_sft --out /tmp/demo_grpo_base
   ftjax train --config configs/demo_grpo.py --workdir /tmp/demo_grpo
 
 Each step samples 8 completions of each of 16 training prompts with the live weights, scores
@@ -20,7 +20,7 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def get_config():
   c = base.get_config()
-  c.model.pretrained = '/tmp/demo_base'
+  c.model.pretrained = '/tmp/demo_grpo_base'
   c.objective.update(kind='grpo', group_size=8, prompts_per_step=16, max_new_tokens=4,
                      rewards=[{'fn': 'number', 'weight': 1.0}])
   c.data.update(path=os.path.join(DATA, 'train.jsonl'), eval_path=os.path.join(DATA, 'eval.jsonl'),
