@@ -22,6 +22,7 @@ import numpy as np
 from ftjax import bench, sharding
 from ftjax.config import Resolved
 from ftjax.errors import UserError
+from ftjax.models import layers
 
 # libtpu on a machine without TPUs: no metadata-server lookups and no exclusive lock (a
 # libtpu-enabled process started next to this one must not block it). Set only in the process
@@ -153,9 +154,11 @@ def suggestions(r: Resolved, per_device: dict[str, int], hbm: int,
     return out
   over = f'{total / 2**30:.1f} GiB needed of {hbm / 2**30:.0f} GiB'
   if temps >= args:
+    with sharding.use(mesh, sharding.get_rules(r.mesh.rules)):  # 'auto' as on the planned chips
+      remat = layers.resolve_remat(r.model.remat)
     lighter = {'none': "dots (keep matmul outputs) or full (keep layer inputs only)",
                'dots': "offload (matmul outputs in host memory) or full",
-               'offload': 'full'}.get({'auto': 'none'}.get(r.model.remat, r.model.remat))  # TPU/GPU
+               'offload': 'full'}.get(remat)
     if lighter:
       out.append(f'{over}; activations dominate ({temps / 2**30:.1f} GiB): '
                  f'--config.model.remat={lighter}')

@@ -67,3 +67,25 @@ def test_importing_plan_leaves_the_environment_alone():
   before = dict(os.environ)
   importlib.reload(plan)
   assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize('remat, lighter', [('auto', 'offload'), ('none', 'dots'),
+                                            ('dots', 'offload'), ('full', None)])
+def test_remat_suggestion_follows_the_policy_the_planned_mesh_resolves(remat, lighter):
+  """`remat='auto'` is resolved as the model resolves it on the plan's mesh (here CPU devices:
+  `dots`), so the suggestion names the next lighter policy, and none past `full`."""
+  from configs import demo
+  from ftjax import config as config_lib
+  from ftjax import sharding
+
+  c = demo.get_config()
+  c.model.remat = remat
+  r = config_lib.resolve(c, check_files=False)
+  gib = 2**30
+  out = plan.suggestions(r, dict(total=20 * gib, temporaries=15 * gib, arguments=5 * gib),
+                         16 * gib, sharding.make_mesh((1, -1, 1)))
+  said = [s for s in out if 'activations dominate' in s]
+  if lighter is None:
+    assert said == []
+  else:
+    assert len(said) == 1 and said[0].split('--config.model.remat=')[1].startswith(lighter), out
